@@ -1,0 +1,1 @@
+"""Query-based segmentation models (Mask2Former manner) for PartDistillation."""
