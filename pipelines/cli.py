@@ -1,0 +1,166 @@
+"""The ``selftrain`` command. Thin: parse, call one library function, print."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from pipelines import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="selftrain: multi-round self-training of segmentation models.")
+data_app = typer.Typer(no_args_is_help=True, help="Generate, import, version, push, pull and inspect datasets.")
+import_app = typer.Typer(no_args_is_help=True, help="Import real data into WebDataset shards.")
+app.add_typer(data_app, name="data")
+data_app.add_typer(import_app, name="import")
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_DATA = Path("data/partworld-demo")
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    from pipelines.dvc import DvcError
+    from pipelines.spec import SpecError
+
+    errs: list[type[Exception]] = [DvcError, SpecError, FileNotFoundError, ValueError]
+    try:
+        from trainers.data.shards import DataError
+
+        errs.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _guard(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except _known_errors() as e:
+        _fail(e)
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        out.print(f"selftrain {__version__}")
+        raise typer.Exit()
+
+
+def _track_target(path: Path) -> Path:
+    """Source datasets live under ./data, tracked as a whole by data.dvc; anything else is tracked on its own."""
+    p = path.resolve()
+    data_root = (Path.cwd() / "data").resolve()
+    return data_root if data_root in p.parents else p
+
+
+@data_app.command("generate")
+def data_generate(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="PartWorld config YAML (default: the embedded demo config)."),
+    output: Path = typer.Option(DEFAULT_DATA, "--out", "-o", help="Dataset directory (gets train/ and eval/)."),
+    shard_size: int = typer.Option(500, help="Samples per shard."),
+    limit: Optional[int] = typer.Option(None, help="At most this many images per split."),
+    version: bool = typer.Option(True, "--version/--no-version", help="Track the result with DVC (data.dvc for ./data)."),
+    push: bool = typer.Option(True, "--push/--no-push", help="Push the new version to the DVC remote."),
+) -> None:
+    """Generate the built-in PartWorld dataset as shards and version it with DVC."""
+    from pipelines import data
+
+    idx = _guard(data.generate_partworld, output, config, shard_size=shard_size, limit=limit)
+    for split, i in idx.items():
+        out.print(f"{split}: {i.num_samples} samples in {len(i.shards)} shard(s) -> {output / split}")
+    if version:
+        target = _track_target(output)
+        v = _guard(data.version, target, Path.cwd(), None, push)
+        out.print(f"version {v.md5} ({v.nfiles} files, {v.size} bytes) tracked by {Path(v.dvc_file).name}" + (" and pushed" if push else ""))
+
+
+@data_app.command("version")
+def data_version(
+    path: Path = typer.Argument(..., help="Dataset directory to track."),
+    push: bool = typer.Option(False, "--push", help="Push it to the DVC remote too."),
+) -> None:
+    """Track a dataset directory with DVC and print its version hash."""
+    from pipelines import data
+
+    v = _guard(data.version, path, None, None, push)
+    out.print(f"{v.md5}  {path}")
+
+
+@data_app.command("push")
+def data_push(paths: list[Path] = typer.Argument(None, help="Tracked directories (default: data)."), remote: Optional[str] = typer.Option(None, "-r", "--remote")) -> None:
+    """Upload tracked datasets to the DVC remote."""
+    from pipelines import dvc
+
+    targets = paths or [Path("data")]
+    _guard(dvc.push, targets, dvc.find_root(Path.cwd()), remote)
+    out.print(f"pushed {', '.join(map(str, targets))}")
+
+
+@data_app.command("pull")
+def data_pull(paths: list[Path] = typer.Argument(None, help="Tracked directories (default: data)."), remote: Optional[str] = typer.Option(None, "-r", "--remote")) -> None:
+    """Download tracked datasets from the DVC remote and check them out."""
+    from pipelines import dvc
+
+    targets = paths or [Path("data")]
+    _guard(dvc.pull, targets, dvc.find_root(Path.cwd()), remote)
+    out.print(f"pulled {', '.join(map(str, targets))}")
+
+
+@data_app.command("checkout")
+def data_checkout(
+    md5: str = typer.Argument(..., help="Version hash (<md5>.dir) as logged in MLflow or a .dvc file."),
+    output: Path = typer.Option(..., "--out", "-o", help="Empty directory to materialise the version in."),
+    remote: Optional[str] = typer.Option(None, "-r", "--remote"),
+) -> None:
+    """Reproduce any dataset version by its hash (byte-identical shards)."""
+    from pipelines import dvc
+
+    v = _guard(dvc.checkout_version, md5, output, dvc.find_root(Path.cwd()), remote)
+    out.print(f"{v.md5} -> {output} ({v.nfiles} files)")
+
+
+@data_app.command("hash")
+def data_hash(path: Path) -> None:
+    """Print the DVC hash a directory would have (nothing is written)."""
+    from pipelines import dvc
+
+    out.print(_guard(dvc.dataset_hash, path))
+
+
+@data_app.command("verify")
+def data_verify(path: Path) -> None:
+    """Check every shard against the checksums in index.json."""
+    from trainers.data import shards
+
+    idx = _guard(shards.verify, path)
+    out.print(f"ok: {path} ({idx.num_samples} samples, {len(idx.shards)} shards)")
+
+
+@data_app.command("show")
+def data_show(
+    path: Path = typer.Argument(..., help="Dataset split directory (holds index.json)."),
+    output: Path = typer.Option(Path("contact-sheet.png"), "--out", "-o"),
+    n: int = typer.Option(16, "-n", help="Number of samples."),
+    cols: int = typer.Option(4, help="Columns."),
+) -> None:
+    """Write a contact sheet PNG of samples with instance overlays (and part overlays for evaluation splits)."""
+    from pipelines import data
+
+    png = _guard(data.show, path, output, n, cols)
+    out.print(f"wrote {png}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Dataset operations behind ``selftrain data``: generate, import, version, push, pull, check out, show.
+
+Library functions, one per command, so everything the CLI does can be done from Python. Data
+generation and conversion are delegated to the data plane (``trainers.data``, numpy/PIL only);
+versioning goes through DVC (``pipelines.dvc``).
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipelines import dvc
+
+SPLITS = ("train", "eval")
+
+
+def _progress(samples: Iterable, total: int | None, desc: str, enabled: bool = True) -> Iterator:
+    return iter(tqdm(samples, total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not enabled, mininterval=0.5))
+
+
+def load_partworld_config(path: str | Path | None):
+    """The PartWorld config from a YAML file (validated), or the embedded demo config."""
+    from pipelines.spec import load_model
+    from trainers.data.partworld import PartWorldConfig
+
+    return PartWorldConfig.demo() if path is None else load_model(PartWorldConfig, path)
+
+
+def generate_partworld(
+    out: str | Path,
+    config: str | Path | None = None,
+    *,
+    splits: Iterable[str] = SPLITS,
+    shard_size: int = 500,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Render PartWorld into ``<out>/<split>/`` as WebDataset shards with an index per split.
+
+    Deterministic from (seed, config): the same config gives byte-identical shards, hence the same
+    DVC hash. ``limit`` caps the number of images per split (for quick looks).
+    """
+    from trainers.data import partworld, shards
+
+    cfg = load_partworld_config(config)
+    out = Path(out)
+    indexes = {}
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; PartWorld has {', '.join(SPLITS)}")
+        n = cfg.train_images if split == "train" else cfg.eval_images
+        if limit is not None:
+            n = min(n, limit)
+        samples = _progress(partworld.generate(cfg, split, 0, n), n, f"PartWorld {split}", progress)
+        indexes[split] = shards.write_dataset(
+            samples, out / split, name=f"partworld-{split}", split=split,
+            categories=partworld.category_table(cfg),
+            part_categories=partworld.part_category_table(cfg) if split == "eval" else None,
+            shard_size=shard_size, source=f"partworld:{config or 'demo'}",
+        )
+    (out / "partworld.yaml").write_text(_yaml_dump(cfg.model_dump()))
+    return indexes
+
+
+def _yaml_dump(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def version(path: str | Path, root: str | Path | None = None, remote: str | None = None, push: bool = False) -> dvc.DataVersion:
+    """Track a dataset directory with DVC (``<path>.dvc`` beside it) and optionally push it."""
+    path = Path(path)
+    root = Path(root) if root else _repo_root_for(path)
+    dvc.ensure_repo(root, remote=remote) if not (root / ".dvc").is_dir() else None
+    v = dvc.add(path, root)
+    if push:
+        dvc.push([path], root, remote=None)
+    return v
+
+
+def _repo_root_for(path: Path) -> Path:
+    try:
+        return dvc.find_root(path)
+    except dvc.DvcError:
+        return Path.cwd()
+
+
+def show(path: str | Path, out_png: str | Path, n: int = 16, cols: int = 4) -> Path:
+    """Contact sheet of the first ``n`` samples with instance (and, for evaluation splits, part) overlays."""
+    from trainers.data import shards, show as show_mod
+
+    idx = shards.DatasetIndex.load(path)
+    samples = list(itertools.islice(shards.iter_samples(path, allow_parts=True), n))
+    if not samples:
+        raise ValueError(f"{path}: dataset has no samples to show")
+    show_mod.contact_sheet(samples, out_png, cols=cols, parts=bool(idx.has_parts))
+    return Path(out_png)

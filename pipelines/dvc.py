@@ -1,0 +1,184 @@
+"""Dataset versions with DVC: every dataset a stage reads or writes is a DVC-tracked directory.
+
+Thin wrappers over the real ``dvc`` command (run as ``python -m dvc`` from this interpreter) so a
+failure shows DVC's own message. A version is the DVC md5 of the directory (``<md5>.dir``); any
+version can be checked out again by that hash alone, from the cache or the remote.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+DEFAULT_REMOTE = "local"
+
+
+class DvcError(RuntimeError):
+    """A DVC or git command failed; the message carries the command and its output."""
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    """A DVC-tracked directory and its version hash."""
+
+    path: str
+    md5: str  # "<md5>.dir"
+    dvc_file: str
+    nfiles: int
+    size: int
+
+
+def _run(args: list[str], cwd: Path, what: str) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        out = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+        raise DvcError(f"{what} failed in {cwd} (exit {proc.returncode}): {' '.join(args[2:] if args[:2] == [sys.executable, '-m'] else args)}\n{out}")
+    return proc.stdout
+
+
+def dvc(root: str | Path, *args: str) -> str:
+    """Run ``dvc <args>`` in ``root``."""
+    return _run([sys.executable, "-m", "dvc", *args], Path(root), f"dvc {args[0] if args else ''}")
+
+
+def git(root: str | Path, *args: str) -> str:
+    return _run(["git", *args], Path(root), f"git {args[0] if args else ''}")
+
+
+def find_root(path: str | Path) -> Path:
+    """The DVC repository (a directory holding ``.dvc/``) containing ``path``."""
+    p = Path(path).resolve()
+    for d in [p, *p.parents]:
+        if (d / ".dvc").is_dir():
+            return d
+    raise DvcError(f"{path}: not inside a DVC repository (run `selftrain data init` or `dvc init` first)")
+
+
+def ensure_repo(root: str | Path, remote: str | None = None, remote_name: str = DEFAULT_REMOTE) -> Path:
+    """Make ``root`` a git + DVC repository with a default remote (a local directory unless a URL is given).
+
+    ``remote`` may be a directory path (the default local remote is ``<root>/.selftrain/dvc-remote``)
+    or any URL DVC understands, e.g. ``s3://bucket/prefix`` (S3-compatible; set ``endpointurl`` with
+    ``dvc remote modify``).
+    """
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / ".git").exists():
+        git(root, "init", "-q")
+    if not (root / ".dvc").is_dir():
+        dvc(root, "init", "-q")
+    remote = remote or ".selftrain/dvc-remote"  # relative: DVC stores it relative to .dvc/, so clones agree
+    if "://" not in remote:
+        (root / remote).mkdir(parents=True, exist_ok=True)
+    existing = dvc(root, "remote", "list")
+    if any(line.split()[:1] == [remote_name] for line in existing.splitlines()):
+        dvc(root, "remote", "modify", remote_name, "url", remote)
+    else:
+        dvc(root, "remote", "add", remote_name, remote)
+    dvc(root, "remote", "default", remote_name)
+    dvc(root, "config", "core.autostage", "true")
+    return root
+
+
+def _read_dvc_file(dvc_file: Path) -> DataVersion:
+    try:
+        meta = yaml.safe_load(dvc_file.read_text())
+        out = meta["outs"][0]
+        return DataVersion(
+            path=str(dvc_file.parent / out["path"]), md5=out["md5"], dvc_file=str(dvc_file),
+            nfiles=int(out.get("nfiles", 0)), size=int(out.get("size", 0)),
+        )
+    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError) as e:
+        raise DvcError(f"{dvc_file}: not a readable .dvc file ({e})") from e
+
+
+def add(path: str | Path, root: str | Path | None = None) -> DataVersion:
+    """``dvc add`` a dataset directory; returns its version. The .dvc file lands beside it."""
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise DvcError(f"{path}: no such dataset directory")
+    root = Path(root).resolve() if root else find_root(path)
+    dvc(root, "add", "-q", str(path.relative_to(root)))
+    return _read_dvc_file(path.with_name(path.name + ".dvc"))
+
+
+def version_of(path: str | Path) -> DataVersion:
+    """The version recorded in the ``.dvc`` file beside a tracked directory."""
+    path = Path(path)
+    dvc_file = path.with_name(path.name + ".dvc")
+    if not dvc_file.exists():
+        raise DvcError(f"{path}: not DVC-tracked (no {dvc_file.name}); run `selftrain data version {path}`")
+    return _read_dvc_file(dvc_file)
+
+
+def dataset_hash(path: str | Path) -> str:
+    """DVC md5 (``<md5>.dir``) of a directory's current content, tracked or not (nothing is written)."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise DvcError(f"{path}: no such dataset directory")
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory() as tmp:
+        _, _, obj = build(HashFileDB(fs, tmp), str(path), fs, "md5", dry_run=True)
+    return obj.hash_info.value
+
+
+def push(targets: list[str | Path], root: str | Path, remote: str | None = None) -> None:
+    """Upload tracked datasets to the remote (default remote unless named)."""
+    args = ["push", "-q"] + (["-r", remote] if remote else []) + [str(Path(t).resolve().relative_to(Path(root).resolve())) for t in targets]
+    dvc(root, *args)
+
+
+def pull(targets: list[str | Path], root: str | Path, remote: str | None = None) -> None:
+    """Download tracked datasets (by their .dvc files) from the remote and check them out."""
+    args = ["pull", "-q", "--force"] + (["-r", remote] if remote else []) + [str(Path(t).resolve().relative_to(Path(root).resolve())) for t in targets]
+    dvc(root, *args)
+
+
+def checkout_version(md5: str, out: str | Path, root: str | Path, remote: str | None = None) -> DataVersion:
+    """Materialise dataset version ``md5`` (``<hash>.dir``) at ``out`` (byte-identical to when it was added).
+
+    Works from the hash alone: a throw-away .dvc file naming the hash is pulled (local cache first,
+    then the remote) and then removed, so ``out`` is left as a plain directory, not tracked.
+    """
+    root = Path(root).resolve()
+    out = Path(out).resolve()
+    if not md5.endswith(".dir"):
+        md5 = md5 + ".dir"
+    if out.exists():
+        raise DvcError(f"{out}: already exists; choose an empty path to check version {md5} out into")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dvc_file = out.with_name(out.name + ".dvc")
+    dvc_file.write_text(yaml.safe_dump({"outs": [{"md5": md5, "hash": "md5", "path": out.name}]}))
+    try:
+        rel = str(dvc_file.relative_to(root))
+        dvc(root, "pull", "-q", *(["-r", remote] if remote else []), rel)
+        version = DataVersion(path=str(out), md5=md5, dvc_file="", nfiles=sum(1 for p in out.rglob("*") if p.is_file()),
+                              size=sum(p.stat().st_size for p in out.rglob("*") if p.is_file()))
+    except DvcError:
+        if out.exists():
+            shutil.rmtree(out)
+        raise
+    finally:
+        dvc_file.unlink(missing_ok=True)
+        gi = out.parent / ".gitignore"  # dvc pull adds the output to .gitignore; undo that for a plain checkout
+        if gi.exists():
+            lines = [ln for ln in gi.read_text().splitlines() if ln.strip() != f"/{out.name}"]
+            gi.write_text("\n".join(lines) + ("\n" if lines else "")) if lines else gi.unlink()
+    # DVC may link from its cache; make files plain and writable copies so edits cannot corrupt the cache.
+    for p in out.rglob("*"):
+        if p.is_file() and (p.is_symlink() or not os.access(p, os.W_OK)):
+            data = p.read_bytes()
+            p.unlink()
+            p.write_bytes(data)
+    return version
