@@ -1,0 +1,26 @@
+# The two commands that work on a fresh machine:  make demo   (the main job)   and   make test   (the tests).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/selftrain: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
+	@touch $@
+
+setup: $(BIN)/selftrain  ## create .venv and install selftrain with pinned dependencies
+
+demo: setup  ## generate and version the demo dataset (the full pipeline once it lands)
+	$(BIN)/selftrain data generate
+
+test: setup  ## run the whole test suite (what CI runs)
+	$(BIN)/python -m pytest
+
+bench: setup  ## run the benchmarks behind BENCHMARKS.md
+	$(BIN)/python benchmarks/bench_data.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
