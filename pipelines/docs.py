@@ -1,0 +1,81 @@
+"""Generate the README's configuration reference from the typed configs (``python -m pipelines.docs``)."""
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+BEGIN, END = "<!-- BEGIN CONFIG REFERENCE -->", "<!-- END CONFIG REFERENCE -->"
+
+# (title, "module:Class") — the configs a user writes or reads.
+DOCUMENTED = [
+    ("PartWorld dataset (`configs/partworld-demo.yaml`, `selftrain data generate -c`)", "trainers.data.partworld:PartWorldConfig"),
+    ("Pipeline config (`selftrain run <config>`)", "pipelines.config:PipelineConfig"),
+    ("Stage spec (`python -m trainers <stage> --spec <file>`)", "pipelines.spec:StageSpec"),
+]
+
+
+def _type_name(ann) -> str:
+    s = getattr(ann, "__name__", None) if not getattr(ann, "__args__", None) else None
+    return s or re.sub(r"\b(typing|pipelines\.\w+|trainers\.[\w.]+)\.", "", str(ann))
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "*required*"
+    if field.default_factory is not None:
+        try:
+            v = field.default_factory()
+        except TypeError:
+            return "(computed)"
+        return "(see below)" if isinstance(v, BaseModel) else f"`{v!r}`"
+    return f"`{field.default!r}`"
+
+
+def _table(cls: type[BaseModel], prefix: str = "", nested: list | None = None) -> list[str]:
+    rows = []
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            nested.append((key, ann)) if nested is not None else None
+        desc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{key}` | {_type_name(ann).replace('|', 'or')} | {_default(field)} | {desc} |")
+    return rows
+
+
+def reference() -> str:
+    out = []
+    for title, target in DOCUMENTED:
+        mod, _, cls_name = target.partition(":")
+        try:
+            cls = getattr(importlib.import_module(mod), cls_name)
+        except (ImportError, AttributeError):
+            continue
+        out += [f"### {title}", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        queue: list = []
+        out += _table(cls, "", queue)
+        while queue:
+            key, sub = queue.pop(0)
+            out += _table(sub, f"{key}.", queue)
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def update_readme(path: Path = Path(__file__).resolve().parents[1] / "README.md") -> bool:
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path}: markers {BEGIN} / {END} not found")
+    new = text.split(BEGIN)[0] + BEGIN + "\n" + reference() + END + text.split(END, 1)[1]
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    changed = update_readme()
+    print("README.md configuration reference " + ("updated" if changed else "already up to date"))
+    sys.exit(0)
