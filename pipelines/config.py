@@ -1,0 +1,290 @@
+"""The pipeline config: one typed YAML document, validated in full before any stage starts.
+
+Generic sections (workspace, tracking, executor, kubernetes, resources, deepspeed, promotion,
+an explicit ``stages`` list) live here. A pipeline contributes its own typed section by
+subclassing :class:`PipelineConfig`, adding one field named after itself, overriding
+:meth:`PipelineConfig.stage_specs`, and listing the subclass in :data:`PIPELINES`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from pipelines.spec import (
+    DatasetRef,
+    Inputs,
+    ModelRef,
+    Outputs,
+    Resources,
+    SpecError,
+    StageSpec,
+    Tracking,
+    format_validation_error,
+    load_model,
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Workspace(_Strict):
+    """Where a pipeline keeps its state on this machine (relative paths: to the config file)."""
+
+    root: str = Field(default=".selftrain", description="Workspace directory; the other paths default to folders inside it.")
+    data: str | None = Field(default=None, description="Datasets stages write (default <root>/data).")
+    runs: str | None = Field(default=None, description="Pipeline runs: one folder per run, one workdir per stage (default <root>/runs).")
+    mlflow: str | None = Field(default=None, description="Embedded MLflow store: mlflow.db and artifacts/ (default <root>/mlflow).")
+    dvc_remote: str | None = Field(default=None, description="DVC remote directory or URL (default <root>/dvc-remote).")
+
+    def resolved(self, base: Path) -> "Workspace":
+        """A copy with every path absolute (relative ones taken against ``base``)."""
+        root = (base / self.root).resolve()
+
+        def _abs(value: str | None, default: str) -> str:
+            if value is None:
+                return str(root / default)
+            return value if "://" in value else str((base / value).resolve())
+
+        return Workspace(
+            root=str(root),
+            data=_abs(self.data, "data"),
+            runs=_abs(self.runs, "runs"),
+            mlflow=_abs(self.mlflow, "mlflow"),
+            dvc_remote=_abs(self.dvc_remote, "dvc-remote"),
+        )
+
+
+class TrackingConfig(_Strict):
+    """MLflow: where runs, metrics, artifacts and registered models go."""
+
+    uri: str | None = Field(default=None, description="MLflow tracking URI; default: SQLite store in the workspace (sqlite:///<mlflow>/mlflow.db).")
+    experiment: str = Field(default="selftrain", description="MLflow experiment that holds the pipeline runs.")
+    artifact_location: str | None = Field(default=None, description="Artifact root for a new experiment; default <mlflow>/artifacts with the SQLite store, the server's default otherwise.")
+
+
+class KubernetesConfig(_Strict):
+    """How a stage becomes a PyTorchJob (used by the render and kubernetes executors, and read by the local one)."""
+
+    namespace: str = Field(default="default", description="Namespace the PyTorchJobs are created in.")
+    service_account: str | None = Field(default=None, description="Service account of the training pods.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent", description="Pull policy of the trainer image.")
+    data_pvc: str | None = Field(default=None, description="PVC holding the workspace data (datasets); mounted at data_mount.")
+    data_mount: str = Field(default="/data", description="Mount path of data_pvc in the trainer container.")
+    checkpoints_pvc: str | None = Field(default=None, description="PVC for stage workdirs (checkpoints, results); mounted at checkpoints_mount.")
+    checkpoints_mount: str = Field(default="/checkpoints", description="Mount path of checkpoints_pvc in the trainer container.")
+    shm_size: str | None = Field(default=None, description="Size of a memory-backed /dev/shm emptyDir (e.g. 8Gi); none by default.")
+    restart_policy: Literal["OnFailure", "ExitCode", "Never"] = Field(
+        default="OnFailure",
+        description="Replica restart policy. OnFailure: a failed rank makes the others' collectives fail too, so the whole group restarts and resumes from its checkpoint.",
+    )
+    backoff_limit: int = Field(default=3, ge=0, description="Restarts of the group before the stage fails (runPolicy.backoffLimit).")
+    clean_pod_policy: Literal["None", "Running", "All"] = Field(default="None", description="Pods deleted when the job ends (runPolicy.cleanPodPolicy); None keeps logs.")
+    ttl_seconds_after_finished: int | None = Field(default=86400, ge=0, description="Delete the finished PyTorchJob after this many seconds (runPolicy.ttlSecondsAfterFinished).")
+    active_deadline_seconds: int | None = Field(default=None, ge=1, description="Fail a stage running longer than this (runPolicy.activeDeadlineSeconds).")
+    master_port: int = Field(default=23456, ge=1, le=65535, description="Port of the pytorchjob-port on the Master (the operator's MASTER_PORT).")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the training pods.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the training pods (Kubernetes toleration objects).")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables of the trainer container.")
+
+
+class ExecutorConfig(_Strict):
+    """Which executor runs the rendered PyTorchJobs."""
+
+    kind: Literal["local", "kubernetes", "render"] = Field(default="local", description="local: processes on this machine; kubernetes: create PyTorchJobs; render: only write YAML.")
+    manifests: str = Field(default="manifests", description="Folder the render executor writes numbered PyTorchJob YAML files into (relative: to the config file).")
+    grace_seconds: float = Field(default=10.0, gt=0, description="Local executor: seconds between SIGTERM and SIGKILL when a group is stopped.")
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig, description="PyTorchJob settings.")
+
+
+class DeepSpeedDefaults(_Strict):
+    """DeepSpeed settings every stage starts from; a stage's resources.deepspeed overrides them."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="ZeRO stage (0: plain data parallel).")
+    train_micro_batch_size_per_gpu: int = Field(default=8, ge=1, description="Micro batch per rank.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro batches per optimizer step.")
+    bf16: bool = Field(default=False, description="bf16 mixed precision (GPUs that support it).")
+    gradient_clipping: float = Field(default=1.0, ge=0, description="Global gradient-norm clip (0: off).")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Any other DeepSpeed config keys, passed through unchanged.")
+
+    def as_overrides(self) -> dict[str, Any]:
+        """The dict a stage spec carries in ``resources.deepspeed``."""
+        ds: dict[str, Any] = {
+            "zero_optimization": {"stage": self.zero_stage},
+            "train_micro_batch_size_per_gpu": self.train_micro_batch_size_per_gpu,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "gradient_clipping": self.gradient_clipping,
+        }
+        if self.bf16:
+            ds["bf16"] = {"enabled": True}
+        return _merge(ds, self.extra)
+
+
+class PromotionPolicy(_Strict):
+    """When a candidate model takes an alias (teacher, champion) from its holder."""
+
+    metric: str = Field(default="miou", description="Evaluation metric compared (a key of the evaluate stage's metrics).")
+    direction: Literal["max", "min"] = Field(default="max", description="max: higher is better; min: lower is better.")
+    min_delta: float = Field(default=0.0, ge=0, description="The candidate must beat the holder by more than this.")
+
+
+class StageConfig(_Strict):
+    """One stage of an explicit ``stages`` list (pipelines with their own section build these themselves)."""
+
+    stage: str = Field(description="Trainer name (python -m trainers <stage>).")
+    name: str | None = Field(default=None, description="Unique stage name in the pipeline (default: the trainer name).")
+    params: dict[str, Any] = Field(default_factory=dict, description="The trainer's hyper-parameters.")
+    datasets: dict[str, str] = Field(default_factory=dict, description="Datasets read: name -> directory (relative: to workspace.data).")
+    models: dict[str, str] = Field(default_factory=dict, description="Models read: name -> models:/<name>@<alias>, models:/<name>/<version> or a file.")
+    output_dataset: str | None = Field(default=None, description="Dataset directory written (relative: to workspace.data).")
+    output_model: str | None = Field(default=None, description="Registered-model name the trained weights become a version of.")
+    resources: dict[str, Any] = Field(default_factory=dict, description="Overrides of the default resources (replicas, nproc_per_node, ...).")
+
+
+class PipelineConfig(_Strict):
+    """A pipeline config (generic part). Subclasses add a section named after their pipeline."""
+
+    pipeline: str = Field(default="custom", description="Pipeline name: selects the typed section and the stage builder.")
+    image: str = Field(default="selftrain:latest", description="Trainer container image.")
+    workspace: Workspace = Field(default_factory=Workspace, description="Directories of data, runs, MLflow store and DVC remote.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="How stages run.")
+    resources: Resources = Field(default_factory=Resources, description="Default resources of every stage.")
+    deepspeed: DeepSpeedDefaults = Field(default_factory=DeepSpeedDefaults, description="Default DeepSpeed settings of every stage.")
+    promotion: PromotionPolicy = Field(default_factory=PromotionPolicy, description="Alias promotion rule (teacher, champion).")
+    stages: list[StageConfig] = Field(default_factory=list, description="Explicit stage list (pipelines with their own section may leave it empty).")
+
+    _base_dir: Path | None = PrivateAttr(default=None)  # the config file's folder (set by load_config)
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> "PipelineConfig":
+        seen: set[str] = set()
+        for i, s in enumerate(self.stages):
+            n = s.name or s.stage
+            if n in seen:
+                raise ValueError(f"stages.{i}.name: duplicate stage name {n!r}")
+            seen.add(n)
+        return self
+
+    # -- derived values ------------------------------------------------------------------------
+    @property
+    def paths(self) -> Workspace:
+        """The workspace with absolute paths."""
+        return self.workspace.resolved(self._base())
+
+    def _base(self) -> Path:
+        return self._base_dir or Path.cwd()
+
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{Path(self.paths.mlflow) / 'mlflow.db'}"
+
+    def artifact_location(self) -> str | None:
+        if self.tracking.artifact_location:
+            return self.tracking.artifact_location
+        if self.tracking.uri is None:
+            return (Path(self.paths.mlflow) / "artifacts").as_uri()
+        return None
+
+    def manifests_dir(self) -> Path:
+        return (self._base() / self.executor.manifests).resolve()
+
+    def run_dir(self, run: str) -> Path:
+        return Path(self.paths.runs) / run
+
+    # -- stage specs ---------------------------------------------------------------------------
+    def new_stage_spec(
+        self,
+        run: str,
+        stage: str,
+        name: str | None = None,
+        *,
+        params: dict[str, Any] | None = None,
+        datasets: dict[str, str] | None = None,
+        models: dict[str, str] | None = None,
+        output_dataset: str | None = None,
+        output_model: str | None = None,
+        resources: dict[str, Any] | None = None,
+    ) -> StageSpec:
+        """A stage spec with this config's defaults filled in (workdir <runs>/<run>/<name>)."""
+        name = name or stage
+        data = Path(self.paths.data)
+        res = self.resources.model_dump()
+        res["deepspeed"] = _merge(self.deepspeed.as_overrides(), res.get("deepspeed") or {})
+        for k, v in (resources or {}).items():
+            res[k] = _merge(res[k], v) if k == "deepspeed" else v
+        return StageSpec(
+            stage=stage,
+            name=name,
+            pipeline=self.pipeline,
+            image=self.image,
+            inputs=Inputs(
+                datasets={k: DatasetRef(path=str(data / v)) for k, v in (datasets or {}).items()},
+                models={k: ModelRef(uri=v) for k, v in (models or {}).items()},
+            ),
+            outputs=Outputs(
+                dataset=str(data / output_dataset) if output_dataset else None,
+                model=output_model,
+                workdir=str(self.run_dir(run) / name),
+            ),
+            params=dict(params or {}),
+            resources=Resources.model_validate(res),
+            tracking=Tracking(mlflow_uri=self.tracking_uri(), experiment=self.tracking.experiment, dvc_remote=self.paths.dvc_remote),
+        )
+
+    def stage_specs(self, run: str) -> list[StageSpec]:
+        """The stages of one pipeline run, in order. Pipelines with their own section override this."""
+        return [
+            self.new_stage_spec(
+                run, s.stage, s.name, params=s.params, datasets=s.datasets, models=s.models,
+                output_dataset=s.output_dataset, output_model=s.output_model, resources=s.resources,
+            )
+            for s in self.stages
+        ]
+
+
+#: Pipeline name -> its config class. A pipeline module adds its subclass here.
+PIPELINES: dict[str, type[PipelineConfig]] = {"custom": PipelineConfig}
+
+
+def load_config(path: str | Path, model: type[PipelineConfig] | None = None) -> PipelineConfig:
+    """Load and validate a pipeline config; errors name the file and every bad key.
+
+    The class is ``model`` if given, else the one :data:`PIPELINES` lists for the file's
+    ``pipeline`` key (an unknown pipeline is an error naming the known ones).
+    """
+    path = Path(path)
+    if model is None:
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise SpecError(f"{path}: cannot read ({e.strerror})") from e
+        except yaml.YAMLError as e:
+            raise SpecError(f"{path}: not valid YAML: {e}") from e
+        name = raw.get("pipeline", "custom") if isinstance(raw, dict) else "custom"
+        if name not in PIPELINES:
+            raise SpecError(f"{path}: invalid configuration\n  pipeline: unknown pipeline {name!r} (known: {', '.join(sorted(PIPELINES))})")
+        model = PIPELINES[name]
+    cfg = load_model(model, path)
+    cfg._base_dir = path.resolve().parent
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], base_dir: str | Path = ".", model: type[PipelineConfig] = PipelineConfig, source: str = "<config>") -> PipelineConfig:
+    """Validate a config given as a dict (tests, programmatic use); relative paths are taken against ``base_dir``."""
+    try:
+        cfg = model.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, source)) from e
+    cfg._base_dir = Path(base_dir).resolve()
+    return cfg
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``over`` wins."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
