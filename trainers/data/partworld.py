@@ -319,7 +319,7 @@ def _instance(rng: np.random.Generator, cfg: PartWorldConfig) -> dict:
 
 def _place(inst: dict, cx: float, cy: float, size: int) -> dict | None:
     """Rasterise an instance centred at (cx, cy): its box in the image and a local part-index map (-1 = outside)."""
-    r = inst["scale"] * 1.5
+    r = inst["scale"] * 1.42  # the template spans [-1, 1]^2; any rotation stays within radius sqrt(2)
     x0, x1 = max(int(cx - r), 0), min(int(math.ceil(cx + r)), size)
     y0, y1 = max(int(cy - r), 0), min(int(math.ceil(cy + r)), size)
     if x0 >= x1 or y0 >= y1:

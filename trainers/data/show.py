@@ -23,6 +23,7 @@ PAD = 4  # pixels around and between tiles
 GAP = 2  # pixels between the two panels of a tile
 CAPTION = 12  # height of the key strip above each tile
 ALPHA = 0.35  # opacity of mask fills
+LABEL_MIN_AREA = 24  # parts smaller than this (pixels) get no text label, only their colour
 
 
 def _colour(i: int) -> tuple[int, int, int]:
@@ -117,6 +118,8 @@ def contact_sheet(samples: Iterable[tuple[str, object, dict]], out_png: str | Pa
                 panel[e] = 255
             sheet.paste(Image.fromarray(panel), (px, y))
             for p in part_list:
+                if p.get("area", 0) < LABEL_MIN_AREA:
+                    continue
                 bx, by, bw, bh = p["bbox"]
                 cid = int(p["category_id"])
                 text = part_names.get(cid, f"p{cid}").split(":")[0].replace("part-", "p")
