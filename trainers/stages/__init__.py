@@ -1,0 +1,38 @@
+"""Trainer stages by name: the ``<stage>`` of ``python -m trainers <stage> --spec <file>``.
+
+A plain dict (STYLE.md: no deep registries). Each entry is ``module:function``, imported only
+when its stage runs; the function takes the :class:`~pipelines.spec.StageSpec` and returns a
+:class:`StageResult` on rank 0 (None or a result elsewhere).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+STAGES: dict[str, str] = {
+    "fit-objects": "trainers.stages.fit_objects:run",
+}
+
+
+@dataclass
+class StageResult:
+    """What a stage reports; rank 0 writes it to ``<workdir>/result.json``."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_path: str | None = None
+    dataset_path: str | None = None
+    steps: int = 0
+
+
+class UnknownStage(KeyError):
+    def __str__(self) -> str:
+        return f"unknown stage {self.args[0]!r}; known stages: {', '.join(sorted(STAGES))}"
+
+
+def get_stage(name: str) -> Callable[[Any], StageResult | None]:
+    """The stage function for ``name`` (imports its module)."""
+    if name not in STAGES:
+        raise UnknownStage(name)
+    module, func = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), func)
