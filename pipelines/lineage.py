@@ -1,0 +1,300 @@
+"""Lineage and promotion in MLflow: a parent run per pipeline run, a child run per stage, registered models.
+
+Models are registered from the *run artifact* of the stage's state_dict (``<run>/artifacts/model/``)
+with ``MlflowClient.create_model_version(name, source=<artifact uri>, run_id=...)`` rather than as
+an MLflow "logged model": a logged model needs a flavor (mlflow.pytorch pickles the module and
+imports torch, which the control plane never does), while a plain artifact source is accepted by
+MLflow 3 as is, keeps the file exactly as the trainer wrote it, and ``models:/<name>@<alias>``
+resolves to it for download (:func:`resolve_model`).
+
+Promotion (DESIGN.md "Tracking and promotion"): a candidate takes an alias (``teacher``,
+``champion``) only if its evaluation succeeded and it beats the holder on the configured metric by
+more than ``min_delta``; the first candidate with a successful evaluation takes a free alias. Each
+decision is recorded on the candidate version as ``promotion.<alias>.*`` tags.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from pipelines.config import PromotionPolicy
+from pipelines.spec import StageSpec
+
+ALIASES = ("teacher", "champion")
+PARENT_TAG = "mlflow.parentRunId"
+
+
+@dataclass
+class Decision:
+    """One promotion decision for one alias."""
+
+    alias: str
+    promoted: bool
+    candidate_version: str
+    candidate_value: float | None
+    holder_version: str | None
+    holder_value: float | None
+    reason: str
+
+
+class Lineage:
+    """MLflow bookkeeping of pipeline runs (one instance per tracking URI and experiment)."""
+
+    def __init__(self, tracking_uri: str, experiment: str = "selftrain", artifact_location: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            except MlflowException:  # created concurrently
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+
+    # -- runs ----------------------------------------------------------------------------------
+    def pipeline_run(self, pipeline: str, run: str, params: dict[str, Any] | None = None, config_text: str | None = None) -> str:
+        """The parent run of pipeline run ``run`` (reused when the pipeline run is resumed)."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`selftrain.run` = '{run}' and tags.`selftrain.kind` = 'pipeline' and tags.`selftrain.pipeline` = '{pipeline}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        r = self.client.create_run(
+            self.experiment_id, run_name=f"{pipeline}-{run}",
+            tags={"selftrain.kind": "pipeline", "selftrain.pipeline": pipeline, "selftrain.run": run},
+        )
+        run_id = r.info.run_id
+        if params:
+            self._log_params(run_id, params)
+        if config_text is not None:
+            self.client.log_text(run_id, config_text, "pipeline_config.yaml")
+        return run_id
+
+    def start_stage(self, parent_run_id: str, spec: StageSpec, fingerprint: str, run: str) -> str:
+        """A child run for one stage: params, the spec as an artifact, DVC hashes of the datasets it reads."""
+        tags = {
+            PARENT_TAG: parent_run_id,
+            "selftrain.kind": "stage",
+            "selftrain.pipeline": spec.pipeline,
+            "selftrain.run": run,
+            "selftrain.stage": spec.name,
+            "selftrain.trainer": spec.stage,
+            "selftrain.fingerprint": fingerprint,
+        }
+        params: dict[str, Any] = {"stage": spec.stage, "fingerprint": fingerprint}
+        for name, d in spec.inputs.datasets.items():
+            tags[f"dataset.{name}.path"] = d.path
+            if d.dvc_hash:
+                tags[f"dataset.{name}.dvc_hash"] = d.dvc_hash
+                params[f"dataset.{name}.dvc_hash"] = d.dvc_hash
+        for name, m in spec.inputs.models.items():
+            params[f"model.{name}.uri"] = m.uri
+        params.update(_flatten(spec.params, "params"))
+        params.update(_flatten(spec.resources.model_dump(), "resources"))
+        r = self.client.create_run(self.experiment_id, run_name=spec.name, tags=tags)
+        run_id = r.info.run_id
+        self._log_params(run_id, params)
+        self.client.log_text(run_id, spec.to_json(), "stage_spec.json")
+        return run_id
+
+    def finish_stage(
+        self,
+        run_id: str,
+        spec: StageSpec,
+        result: dict[str, Any],
+        *,
+        output_hash: str | None = None,
+        job: dict[str, Any] | None = None,
+        log_dir: Path | None = None,
+    ) -> str | None:
+        """Record a succeeded stage: final metrics, result and logs, the written dataset's DVC hash, the model version.
+
+        Returns the registered model version (as a string) when the stage wrote a model.
+        """
+        steps = int(result.get("steps") or 0)
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, steps) for k, v in (result.get("metrics") or {}).items() if _is_number(v)]
+        tags = [RunTag("selftrain.status", "succeeded")]
+        if output_hash:
+            tags += [RunTag("dataset.output.dvc_hash", output_hash), RunTag("dataset.output.path", spec.outputs.dataset or "")]
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        if output_hash:
+            self._log_params(run_id, {"dataset.output.dvc_hash": output_hash})
+        self.client.log_text(run_id, json.dumps(result, indent=2), "result.json")
+        if job is not None:
+            from pipelines.render import to_yaml
+
+            self.client.log_text(run_id, to_yaml(job), "pytorchjob.yaml")
+        if log_dir is not None and Path(log_dir).is_dir():
+            self.client.log_artifacts(run_id, str(log_dir), "logs")
+        version = None
+        if spec.outputs.model and result.get("model_path"):
+            mv = self.register_model(run_id, spec.outputs.model, result["model_path"], tags={"selftrain.stage": spec.name})
+            version = str(mv.version)
+            self.client.set_tag(run_id, "model.version", f"{spec.outputs.model}/{version}")
+        self.client.set_terminated(run_id, "FINISHED")
+        return version
+
+    def fail_stage(self, run_id: str, error: str, log_dir: Path | None = None) -> None:
+        self.client.set_tag(run_id, "selftrain.status", "failed")
+        self.client.set_tag(run_id, "selftrain.error", error[-4900:])
+        if log_dir is not None and Path(log_dir).is_dir():
+            self.client.log_artifacts(run_id, str(log_dir), "logs")
+        self.client.set_terminated(run_id, "FAILED")
+
+    def finish_pipeline(self, run_id: str, succeeded: bool) -> None:
+        self.client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+
+    # -- models --------------------------------------------------------------------------------
+    def register_model(self, run_id: str, name: str, model_path: str | Path, tags: dict[str, str] | None = None):
+        """Log the model file (or folder) as run artifact ``model/`` and make it a new version of ``name``."""
+        path = Path(model_path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), "model")
+        else:
+            self.client.log_artifact(run_id, str(path), "model")
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = self.client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
+        return self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+
+    def model_version(self, uri: str) -> tuple[str, str]:
+        """(name, version) of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+        if not uri.startswith("models:/"):
+            raise ValueError(f"{uri}: not a models:/ URI")
+        rest = uri[len("models:/"):]
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return name, str(self.client.get_model_version_by_alias(name, alias).version)
+        name, _, version = rest.partition("/")
+        if not version.isdigit():
+            raise ValueError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+        return name, version
+
+    def record_evaluation(self, name: str, version: str | int, metrics: dict[str, Any], succeeded: bool, run_id: str | None = None) -> None:
+        """Attach an evaluation's outcome to a model version (``evaluation.status``, ``evaluation.<metric>``)."""
+        v = str(version)
+        self.client.set_model_version_tag(name, v, "evaluation.status", "succeeded" if succeeded else "failed")
+        if run_id:
+            self.client.set_model_version_tag(name, v, "evaluation.run_id", run_id)
+        for k, val in metrics.items():
+            if _is_number(val):
+                self.client.set_model_version_tag(name, v, f"evaluation.{k}", repr(float(val)))
+
+    def promote(self, name: str, version: str | int, policy: PromotionPolicy, aliases: tuple[str, ...] = ALIASES) -> list[Decision]:
+        """Move each alias to the candidate if the promotion rule says so; record every decision as version tags."""
+        v = str(version)
+        cand = self.client.get_model_version(name, v)
+        cand_value = _evaluated(cand.tags, policy.metric)
+        decisions = []
+        for alias in aliases:
+            try:
+                holder = self.client.get_model_version_by_alias(name, alias)
+            except MlflowException:
+                holder = None
+            holder_version = str(holder.version) if holder else None
+            holder_value = _evaluated(holder.tags, policy.metric) if holder else None
+            if cand_value is None:
+                ok, reason = False, f"candidate has no successful evaluation of {policy.metric}"
+            elif holder is None:
+                ok, reason = True, "first candidate with a successful evaluation"
+            elif holder_version == v:
+                ok, reason = True, "candidate already holds the alias"
+            elif holder_value is None:
+                ok, reason = True, f"holder has no successful evaluation of {policy.metric}"
+            else:
+                gain = cand_value - holder_value if policy.direction == "max" else holder_value - cand_value
+                ok = gain > policy.min_delta
+                reason = (
+                    f"{policy.metric} {cand_value:.6g} vs {holder_value:.6g} ({policy.direction}): "
+                    f"gain {gain:.6g} {'>' if ok else '<='} min_delta {policy.min_delta:g}"
+                )
+            if ok and holder_version != v:
+                self.client.set_registered_model_alias(name, alias, v)
+            d = Decision(alias, ok, v, cand_value, holder_version, holder_value, reason)
+            prefix = f"promotion.{alias}"
+            for key, val in (
+                ("decision", "promoted" if ok else "kept"),
+                ("candidate_value", "" if cand_value is None else repr(cand_value)),
+                ("holder_value", "" if holder_value is None else repr(holder_value)),
+                ("holder_version", holder_version or ""),
+                ("reason", reason),
+            ):
+                self.client.set_model_version_tag(name, v, f"{prefix}.{key}", val)
+            decisions.append(d)
+        return decisions
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k[:250], _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+
+def resolve_model(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
+    """A local path for a model reference: ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a file.
+
+    Registered versions are downloaded with ``mlflow.artifacts.download_artifacts``; the path is the
+    version's single file (e.g. ``model.pt``) when it holds one, else its folder.
+    """
+    if not uri.startswith("models:/") and "://" not in uri:
+        p = Path(uri)
+        if not p.exists():
+            raise FileNotFoundError(f"{uri}: no such model file")
+        return p
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=uri, dst_path=str(dst) if dst else None, tracking_uri=tracking_uri, registry_uri=tracking_uri,
+    ))
+    if local.is_dir():
+        files = [f for f in local.iterdir() if f.is_file()]
+        if len(files) == 1:
+            return files[0]
+    return local
+
+
+def _evaluated(tags: dict[str, str], metric: str) -> float | None:
+    """The metric of a version whose evaluation succeeded, else None."""
+    if tags.get("evaluation.status") != "succeeded":
+        return None
+    try:
+        v = float(tags[f"evaluation.{metric}"])
+    except (KeyError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _param_value(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+    return s[:6000]
+
+
+def _flatten(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
