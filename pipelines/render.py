@@ -3,12 +3,11 @@
 The job runs ``torchrun -m trainers <stage> --spec env:SELFTRAIN_SPEC`` with the spec JSON in the
 ``SELFTRAIN_SPEC`` variable, so a rendered manifest is self-contained for ``kubectl apply``.
 
-The v1 operator (pkg/controller.v1/pytorch/envvar.go) injects MASTER_ADDR (``<job>-master-0``),
-MASTER_PORT (the ``pytorchjob-port`` of the ``pytorch`` container), WORLD_SIZE (replicas x
-nprocPerNode), RANK (node rank), PET_NNODES, PET_NPROC_PER_NODE and PET_NODE_RANK, but *not*
-PET_MASTER_ADDR/PET_MASTER_PORT, which is what torchrun's static rendezvous reads. So the
-container args pass ``--master-addr=$(MASTER_ADDR) --master-port=$(MASTER_PORT)``: the kubelet
-expands ``$(VAR)`` in args from the container's final environment (the local executor does the same).
+The v1 operator (v1.9.3, pkg/controller.v1/pytorch/envvar.go + master.go) injects MASTER_ADDR and
+PET_MASTER_ADDR (``<job>-master-0``), MASTER_PORT and PET_MASTER_PORT (the ``pytorchjob-port`` of the
+``pytorch`` container), WORLD_SIZE (replicas x nprocPerNode), RANK and PET_NODE_RANK (the node rank:
+Master 0, Worker i -> i+1), PET_NPROC_PER_NODE, PET_NNODES and PYTHONUNBUFFERED; torchrun reads the
+PET_* ones, so the command needs no launcher flags.
 """
 from __future__ import annotations
 
@@ -89,13 +88,8 @@ def _label_value(v: str) -> str:
 
 
 def container_command(spec: StageSpec) -> tuple[list[str], list[str]]:
-    """(command, args) of the trainer container."""
-    return ["torchrun"], [
-        "--master-addr=$(MASTER_ADDR)",
-        "--master-port=$(MASTER_PORT)",
-        "-m", "trainers", spec.stage,
-        "--spec", f"env:{SPEC_ENV}",
-    ]
+    """(command, args) of the trainer container: ``torchrun -m trainers <stage> --spec env:SELFTRAIN_SPEC``."""
+    return ["torchrun"], ["-m", "trainers", spec.stage, "--spec", f"env:{SPEC_ENV}"]
 
 
 def map_paths(spec: StageSpec, mapping: dict[str, str]) -> StageSpec:

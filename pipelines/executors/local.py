@@ -1,14 +1,16 @@
 """The local executor: runs a rendered PyTorchJob as process groups on this machine.
 
-It interprets the job manifest the way the training operator (v1) and the kubelet would:
+It interprets the job manifest the way the training operator (v1.9.3) and the kubelet would:
 one process group per replica (Master = node rank 0, Worker i = node rank i+1), each started
-as the container's command/args with the container env plus what the operator injects
-(pkg/controller.v1/pytorch/envvar.go): MASTER_ADDR, MASTER_PORT, WORLD_SIZE (replicas x
-nprocPerNode), RANK (node rank), PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
-PYTHONUNBUFFERED. Locally MASTER_ADDR is 127.0.0.1 and MASTER_PORT a free port; ``$(VAR)``
-in command/args is expanded from that environment like the kubelet does. If a replica fails,
-the others are stopped (their whole process trees) and the group restarts, up to
-``runPolicy.backoffLimit`` times, as a restarted PyTorchJob would.
+as the container's command/args with the container env plus what the operator appends
+(pkg/controller.v1/pytorch/envvar.go, master.go): MASTER_ADDR/PET_MASTER_ADDR,
+MASTER_PORT/PET_MASTER_PORT, WORLD_SIZE (replicas x nprocPerNode), RANK and PET_NODE_RANK (node
+rank), PET_NPROC_PER_NODE, PET_NNODES, PYTHONUNBUFFERED. Locally the master address is 127.0.0.1
+(instead of the ``<job>-master-0`` service) and the port a free one (instead of the container
+port, so that stages never collide); ``$(VAR)`` in command/args is expanded from the final
+environment like the kubelet does. If a replica fails, the others are stopped (their whole
+process trees) and the group restarts, up to ``runPolicy.backoffLimit`` times, as under the
+``OnFailure`` restart policy on a cluster.
 """
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ class LocalExecutor:
     def _attempt(self, name, spec, replicas, log_dir, attempt, started, deadline):
         port = free_port()
         world = len(replicas)
-        nproc = str(spec.get("nprocPerNode") or "1")
+        nproc = str(spec.get("nprocPerNode") or "auto")  # the operator's default
         gpu_pool = local_gpus() if any(r.gpus for r in replicas) else []
         need = sum(r.gpus for r in replicas)
         if need > len(gpu_pool):
@@ -200,13 +202,15 @@ class LocalExecutor:
         except ValueError:
             nproc_int = 1  # "auto": the operator then counts one process per replica
         env.update({  # appended by the operator after the container's own env: these win
-            "PYTHONUNBUFFERED": "0",
-            "MASTER_ADDR": "127.0.0.1",
+            "PYTHONUNBUFFERED": "1",
             "MASTER_PORT": str(port),
+            "PET_MASTER_PORT": str(port),
+            "MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_ADDR": "127.0.0.1",
             "WORLD_SIZE": str(world * nproc_int),
             "RANK": str(r.node_rank),
-            "PET_NPROC_PER_NODE": nproc,
             "PET_NODE_RANK": str(r.node_rank),
+            "PET_NPROC_PER_NODE": nproc,
             "PET_NNODES": str(world),
         })
         return env

@@ -4,6 +4,9 @@ Writes ``$OUT/<attempt>-<PET_NODE_RANK>.json`` ({"argv", "env", "pid", "child_pi
 FAIL_NODE=<rank>:<code> exits that rank with <code> (after the others are up);
 FAIL_ATTEMPTS=<n> makes it fail only in the first n attempts; SLEEP=<s> keeps the others running;
 SPAWN_CHILD=1 starts a grandchild that sleeps (to check that no process is left behind).
+With WRITE_RESULT=1, node rank 0 then acts as a trainer of the spec in SELFTRAIN_SPEC: it writes
+``model.pt``, the output dataset (if any) and ``result.json`` with ``params.metrics`` as metrics,
+or exits 1 when ``params.fail`` is true.
 """
 import json
 import os
@@ -35,4 +38,22 @@ if fail and attempt <= int(os.environ.get("FAIL_ATTEMPTS", "1000")):
         print(f"rank {rank} failing with {code}", flush=True)
         sys.exit(code)
 time.sleep(float(os.environ.get("SLEEP", "0")))
+if os.environ.get("WRITE_RESULT") and rank == 0:
+    spec = json.loads(os.environ["SELFTRAIN_SPEC"])
+    if spec["params"].get("fail"):
+        print("evaluation failed on purpose", flush=True)
+        sys.exit(1)
+    workdir = Path(spec["outputs"]["workdir"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "starts.txt", "a") as f:
+        f.write("started\n")
+    (workdir / "model.pt").write_bytes(json.dumps(spec["params"]).encode())
+    if spec["outputs"]["dataset"]:
+        d = Path(spec["outputs"]["dataset"])
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "index.json").write_text(json.dumps(spec["params"]))
+    result = {"status": "succeeded", "stage": spec["stage"], "metrics": spec["params"].get("metrics", {}),
+              "model_path": str(workdir / "model.pt"), "dataset_path": spec["outputs"]["dataset"], "steps": 1}
+    (workdir / ".result.json.tmp").write_text(json.dumps(result))
+    (workdir / ".result.json.tmp").replace(workdir / "result.json")
 print(f"rank {rank} done", flush=True)
