@@ -177,16 +177,7 @@ class Lineage:
 
     def model_version(self, uri: str) -> tuple[str, str]:
         """(name, version) of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
-        if not uri.startswith("models:/"):
-            raise ValueError(f"{uri}: not a models:/ URI")
-        rest = uri[len("models:/"):]
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            return name, str(self.client.get_model_version_by_alias(name, alias).version)
-        name, _, version = rest.partition("/")
-        if not version.isdigit():
-            raise ValueError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
-        return name, version
+        return model_version(self.client, uri)
 
     def record_evaluation(self, name: str, version: str | int, metrics: dict[str, Any], succeeded: bool, run_id: str | None = None) -> None:
         """Attach an evaluation's outcome to a model version (``evaluation.status``, ``evaluation.<metric>``)."""
@@ -248,10 +239,25 @@ class Lineage:
             self.client.log_batch(run_id, params=items[i : i + 100])
 
 
+def model_version(client: MlflowClient, uri: str) -> tuple[str, str]:
+    """(name, version) of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+    if not uri.startswith("models:/"):
+        raise ValueError(f"{uri}: not a models:/ URI")
+    rest = uri[len("models:/"):]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    name, _, version = rest.partition("/")
+    if not version.isdigit():
+        raise ValueError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    return name, version
+
+
 def resolve_model(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
     """A local path for a model reference: ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a file.
 
-    Registered versions are downloaded with ``mlflow.artifacts.download_artifacts``; the path is the
+    A registered version's artifacts are downloaded with ``mlflow.artifacts.download_artifacts``
+    (from the version's source, looked up in the registry at ``tracking_uri``); the path is the
     version's single file (e.g. ``model.pt``) when it holds one, else its folder.
     """
     if not uri.startswith("models:/") and "://" not in uri:
@@ -259,9 +265,12 @@ def resolve_model(uri: str, tracking_uri: str | None = None, dst: str | Path | N
         if not p.exists():
             raise FileNotFoundError(f"{uri}: no such model file")
         return p
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=uri, dst_path=str(dst) if dst else None, tracking_uri=tracking_uri, registry_uri=tracking_uri,
-    ))
+    source = uri
+    if uri.startswith("models:/"):
+        # looked up here rather than by the models:/ artifact repository, which reads the global registry URI
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        source = client.get_model_version_download_uri(*model_version(client, uri))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst) if dst else None, tracking_uri=tracking_uri))
     if local.is_dir():
         files = [f for f in local.iterdir() if f.is_file()]
         if len(files) == 1:

@@ -6,6 +6,9 @@ interrupted is started again in the same workdir, so the trainer resumes from it
 checkpoint; a workdir left by a different fingerprint is moved aside first, so a trainer never
 resumes from a checkpoint of other inputs or params.
 
+Model inputs may name ``stage:<stage name>``: the model version an earlier stage of the same run
+registered (e.g. ``evaluate`` reading ``candidate: stage:r1-train-proposals``).
+
 Evaluation convention: a stage whose trainer is ``evaluate`` and that reads a registered model as
 ``inputs.models["candidate"]`` records its metrics on that model version and applies the
 promotion rule (``teacher``, ``champion``); a failed evaluation is recorded too (the aliases stay).
@@ -86,9 +89,13 @@ def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executo
     lineage = lineage or Lineage(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_location())
     parent = lineage.pipeline_run(cfg.pipeline, run, {"pipeline": cfg.pipeline, "run": run, "stages": ",".join(s.name for s in specs)}, config_text)
     outcomes: list[StageOutcome] = []
+    produced: dict[str, str] = {}  # stage name -> models:/<name>/<version> it registered
     try:
         for i, spec in enumerate(specs):
-            outcomes.append(run_stage(cfg, spec, run, parent, lineage, executor, depends_on=[s.name for s in specs[:i]], echo=echo))
+            o = run_stage(cfg, spec, run, parent, lineage, executor, depends_on=[s.name for s in specs[:i]], echo=echo, produced=produced)
+            if o.model_version and spec.outputs.model:
+                produced[spec.name] = f"models:/{spec.outputs.model}/{o.model_version}"
+            outcomes.append(o)
     except BaseException:
         lineage.finish_pipeline(parent, succeeded=False)
         raise
@@ -97,9 +104,9 @@ def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executo
 
 
 def run_stage(cfg: PipelineConfig, spec: StageSpec, run: str, parent_run_id: str, lineage: Any, executor: Executor,
-              depends_on: list[str] = (), echo: Callable[[str], None] = print) -> StageOutcome:
+              depends_on: list[str] = (), echo: Callable[[str], None] = print, produced: dict[str, str] | None = None) -> StageOutcome:
     """One stage: resolve its inputs, skip it if done, else execute it and record lineage."""
-    spec = resolve_inputs(spec, lineage)
+    spec = resolve_inputs(spec, lineage, produced or {})
     fp = render.fingerprint(spec)
     workdir = Path(spec.outputs.workdir)
     marker = _read_json(workdir / MARKER)
@@ -143,8 +150,8 @@ def run_stage(cfg: PipelineConfig, spec: StageSpec, run: str, parent_run_id: str
     return StageOutcome(spec.name, "succeeded", fp, workdir, run_id, version, output_hash, result, decisions)
 
 
-def resolve_inputs(spec: StageSpec, lineage: Any) -> StageSpec:
-    """Pin the inputs: DVC hashes of the datasets read, registered versions of aliased models."""
+def resolve_inputs(spec: StageSpec, lineage: Any, produced: dict[str, str] | None = None) -> StageSpec:
+    """Pin the inputs: DVC hashes of the datasets read, registered versions of aliased and ``stage:`` models."""
     from pipelines.dvc import dataset_hash
 
     spec = spec.model_copy(deep=True)
@@ -154,7 +161,11 @@ def resolve_inputs(spec: StageSpec, lineage: Any) -> StageSpec:
         if d.dvc_hash is None:
             d.dvc_hash = dataset_hash(d.path)
     for name, m in spec.inputs.models.items():
-        if m.uri.startswith("models:/") and "@" in m.uri:
+        if m.uri.startswith("stage:"):
+            if m.uri[len("stage:"):] not in (produced or {}):
+                raise PipelineError(f"stage {spec.name}: input model {name!r} ({m.uri}): no earlier stage of this run registered a model under that name")
+            m.uri = produced[m.uri[len("stage:"):]]
+        elif m.uri.startswith("models:/") and "@" in m.uri:
             try:
                 model, version = lineage.model_version(m.uri)
             except Exception as e:  # noqa: BLE001 - the registry's own message is the useful one
