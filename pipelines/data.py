@@ -97,5 +97,6 @@ def show(path: str | Path, out_png: str | Path, n: int = 16, cols: int = 4) -> P
     samples = list(itertools.islice(shards.iter_samples(path, allow_parts=True), n))
     if not samples:
         raise ValueError(f"{path}: dataset has no samples to show")
-    show_mod.contact_sheet(samples, out_png, cols=cols, parts=bool(idx.has_parts))
+    show_mod.contact_sheet(samples, out_png, cols=cols, parts=bool(idx.has_parts),
+                           categories=idx.categories, part_categories=idx.part_categories)
     return Path(out_png)
