@@ -40,6 +40,15 @@ def time_runs(fn, runs: int) -> list[float]:
     return out
 
 
+def time_pairs(fa, fb, runs: int) -> tuple[list[float], list[float]]:
+    """Time a and b alternately, so load from other processes drifts over both alike."""
+    a, b = [], []
+    for _ in range(runs):
+        a += time_runs(fa, 1)
+        b += time_runs(fb, 1)
+    return a, b
+
+
 def write_folder(samples, out: Path) -> None:
     """The per-file baseline: image PNG, record JSON with mask file names, one 1-bit PNG per mask."""
     out.mkdir(parents=True, exist_ok=True)
@@ -86,13 +95,12 @@ def dir_bytes(d: Path) -> tuple[int, int, int]:
 def bench_split(cfg, split: str, n: int, runs: int, shard_size: int, work: Path) -> dict:
     samples = list(partworld.generate(cfg, split, 0, n))
     sd, fd = work / f"{split}-shards", work / f"{split}-folder"
-    write_s = time_runs(lambda: shards.write_dataset(
+    write_s, write_f = time_pairs(lambda: shards.write_dataset(
         iter(samples), sd, name=f"bench-{split}", split=split, categories=partworld.category_table(cfg),
-        part_categories=partworld.part_category_table(cfg) if split == "eval" else None, shard_size=shard_size), runs)
-    write_f = time_runs(lambda: write_folder(samples, fd), runs)
-    assert read_shards(sd) == read_folder(fd) == n
-    read_s = time_runs(lambda: read_shards(sd), runs)
-    read_f = time_runs(lambda: read_folder(fd), runs)
+        part_categories=partworld.part_category_table(cfg) if split == "eval" else None, shard_size=shard_size),
+        lambda: write_folder(samples, fd), runs)
+    assert read_shards(sd) == read_folder(fd) == n  # also warms the page cache for both
+    read_s, read_f = time_pairs(lambda: read_shards(sd), lambda: read_folder(fd), runs)
     s_bytes, s_disk, s_files = dir_bytes(sd)
     f_bytes, f_disk, f_files = dir_bytes(fd)
     rle_bytes = sum(len(json.dumps(a["segmentation"], separators=(",", ":"))) for _, _, r in samples
@@ -105,6 +113,7 @@ def bench_split(cfg, split: str, n: int, runs: int, shard_size: int, work: Path)
         "write_shards_s": write_s, "write_folder_s": write_f, "read_shards_s": read_s, "read_folder_s": read_f,
         "read_shards_img_per_s": n / med(read_s), "read_folder_img_per_s": n / med(read_f),
         "read_ratio_shards_over_folder": med(read_f) / med(read_s),
+        "read_ratio_per_run_median": med(f / s for s, f in zip(read_s, read_f)),
         "write_shards_img_per_s": n / med(write_s), "write_folder_img_per_s": n / med(write_f),
         "shard_bytes_per_sample": s_bytes / n, "folder_bytes_per_sample": f_bytes / n,
         "shard_disk_bytes_per_sample": s_disk / n, "folder_disk_bytes_per_sample": f_disk / n,
@@ -126,7 +135,8 @@ def main(argv=None) -> dict:
     if args.runs < 3:
         ap.error("--runs must be >= 3 (medians of at least 3 runs)")
     cfg = cfg0
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                          "loadavg_at_start": os.getloadavg()},
               "config": "PartWorld demo (112 px)", "args": {k: str(v) for k, v in vars(args).items()}, "generation": {}, "splits": []}
     for split in ("train", "eval"):
         runs = time_runs(lambda: list(partworld.generate(cfg, split, 0, args.gen)), args.runs)
@@ -135,6 +145,7 @@ def main(argv=None) -> dict:
         for split, n in (("train", args.train), ("eval", args.eval)):
             if n > 0:
                 result["splits"].append(bench_split(cfg, split, n, args.runs, args.shard_size, Path(tmp)))
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result, args.runs))
