@@ -338,3 +338,14 @@ def test_corrupt_image_in_folder_is_quarantined(tmp_path: Path) -> None:
         coco_io.import_image_folder(imgs, tmp_path / "ds", name="f")
     index = coco_io.import_image_folder(imgs, tmp_path / "ds", name="f", skip_bad=True)
     assert index.num_samples == 1 and index.quarantined[0]["source"].endswith("b.png")
+
+
+def test_partworld_eval_split_exports_and_scores_ap_1(tmp_path: Path) -> None:
+    partworld = pytest.importorskip("trainers.data.partworld")
+    cfg = partworld.PartWorldConfig.demo()
+    shards.write_dataset(partworld.generate(cfg, "eval", 0, 6), tmp_path / "ev", name="pw", split="eval",
+                         categories=partworld.category_table(cfg), part_categories=partworld.part_category_table(cfg))
+    for kind in ("objects", "parts"):
+        coco = coco_io.export_coco(tmp_path / "ev", tmp_path / f"{kind}.json", kind=kind)
+        assert coco["annotations"] and len(coco["images"]) == 6
+        assert _score_against_itself(tmp_path / f"{kind}.json") == pytest.approx(1.0)
