@@ -158,6 +158,74 @@ def data_show(
     out.print(f"wrote {png}")
 
 
+def _report_import(idx, output: Path) -> None:
+    out.print(f"{idx.num_samples} samples in {len(idx.shards)} shard(s) -> {output}")
+    if idx.quarantined:
+        err.print(f"[yellow]{len(idx.quarantined)} sample(s) quarantined[/] (listed in {output / 'index.json'}):")
+        for q in idx.quarantined[:10]:
+            err.print(f"  {q.get('source')} [{q.get('key')}]: {q.get('error')}", highlight=False)
+    out.print(f"next: selftrain data version {output} --push")
+
+
+@import_app.command("folder")
+def import_folder(
+    images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    output: Path = typer.Option(..., "--out", "-o", help="Dataset directory to write."),
+    shard_size: int = typer.Option(1000, help="Samples per shard."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Quarantine unreadable images (listed in the index) instead of failing."),
+) -> None:
+    """Image folder -> unlabelled shards."""
+    from pipelines import data
+
+    _report_import(_guard(data.import_folder, images, output, shard_size=shard_size, skip_bad=skip_bad), output)
+
+
+@import_app.command("coco")
+def import_coco(
+    instances: Path = typer.Argument(..., help="COCO instance JSON."),
+    images: Path = typer.Option(..., "--images", help="Image directory the JSON's file_name entries are relative to."),
+    output: Path = typer.Option(..., "--out", "-o"),
+    split: str = typer.Option("train", help="Split name recorded in the index."),
+    shard_size: int = typer.Option(1000),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Quarantine bad samples instead of failing."),
+) -> None:
+    """COCO instance JSON + images -> shards with object labels."""
+    from pipelines import data
+
+    _report_import(_guard(data.import_coco, instances, images, output, split=split, shard_size=shard_size, skip_bad=skip_bad), output)
+
+
+@import_app.command("parts")
+def import_parts(
+    parts: Path = typer.Argument(..., help="PartImageNet-style COCO part JSON."),
+    images: Path = typer.Option(..., "--images"),
+    output: Path = typer.Option(..., "--out", "-o"),
+    instances: Optional[Path] = typer.Option(None, "--instances", help="Instance JSON with object masks (default: union of each image's parts)."),
+    object_class: Optional[str] = typer.Option(None, "--object-class", help="Object class of every part (default: the part category's supercategory)."),
+    shard_size: int = typer.Option(1000),
+    skip_bad: bool = typer.Option(False, "--skip-bad"),
+) -> None:
+    """PartImageNet-style part JSON -> evaluation shards (parts are never visible to training stages)."""
+    from pipelines import data
+
+    idx = _guard(data.import_parts, parts, images, output, instances_json=instances, object_class=object_class,
+                 shard_size=shard_size, skip_bad=skip_bad)
+    _report_import(idx, output)
+
+
+@data_app.command("export")
+def data_export(
+    path: Path = typer.Argument(..., help="Dataset directory."),
+    output: Path = typer.Option(..., "--out", "-o", help="COCO JSON to write."),
+    kind: str = typer.Option("objects", help="objects or parts."),
+) -> None:
+    """Export instance or part labels back to COCO JSON."""
+    from pipelines import data
+
+    coco = _guard(data.export, path, output, kind)
+    out.print(f"wrote {output}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+
+
 def main() -> None:
     app()
 

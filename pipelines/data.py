@@ -100,3 +100,44 @@ def show(path: str | Path, out_png: str | Path, n: int = 16, cols: int = 4) -> P
     show_mod.contact_sheet(samples, out_png, cols=cols, parts=bool(idx.has_parts),
                            categories=idx.categories, part_categories=idx.part_categories)
     return Path(out_png)
+
+
+def import_folder(image_dir: str | Path, out: str | Path, *, name: str | None = None, shard_size: int = 1000,
+                  skip_bad: bool = False, progress: bool = True):
+    """Image folder -> unlabelled shards (for mining/pseudo-labelling on new images)."""
+    from trainers.data import coco_io, shards
+
+    samples = _progress(coco_io.image_folder_samples(image_dir), None, "import images", progress)
+    return shards.write_dataset(samples, out, name=name or Path(out).name, split="train", categories=[],
+                                shard_size=shard_size, skip_bad=skip_bad, source=str(image_dir))
+
+
+def import_coco(instances_json: str | Path, image_dir: str | Path, out: str | Path, *, name: str | None = None,
+                split: str = "train", shard_size: int = 1000, skip_bad: bool = False, progress: bool = True):
+    """COCO instance JSON + images -> shards with object labels."""
+    from trainers.data import coco_io, shards
+
+    cats, samples = coco_io.coco_samples(instances_json, image_dir)
+    return shards.write_dataset(_progress(samples, None, "import COCO", progress), out, name=name or Path(out).name,
+                                split=split, categories=cats, shard_size=shard_size, skip_bad=skip_bad,
+                                source=str(instances_json))
+
+
+def import_parts(parts_json: str | Path, image_dir: str | Path, out: str | Path, *, instances_json: str | Path | None = None,
+                 object_class: str | None = None, name: str | None = None, shard_size: int = 1000,
+                 skip_bad: bool = False, progress: bool = True):
+    """PartImageNet-style COCO part JSON (+ optional instance JSON) -> evaluation shards."""
+    from trainers.data import coco_io, shards
+
+    cats, part_cats, samples = coco_io.part_samples(parts_json, image_dir, instances_json=instances_json,
+                                                    object_class=object_class)
+    return shards.write_dataset(_progress(samples, None, "import parts", progress), out, name=name or Path(out).name,
+                                split="eval", categories=cats, part_categories=part_cats, shard_size=shard_size,
+                                skip_bad=skip_bad, source=str(parts_json))
+
+
+def export(dataset_dir: str | Path, out_json: str | Path, kind: str = "objects") -> dict:
+    """Instance or part labels of a dataset -> COCO JSON (pycocotools can score against it)."""
+    from trainers.data import coco_io
+
+    return coco_io.export_coco(dataset_dir, out_json, kind=kind)

@@ -79,3 +79,29 @@ def test_committed_data_dvc_matches_a_fresh_generation_of_the_demo(tmp_path: Pat
     pinned = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]["md5"]
     selftrain(tmp_path, "data", "generate", "--no-version", "-o", "data/partworld-demo")
     assert dvc.dataset_hash(tmp_path / "data") == pinned
+
+
+def test_import_folder_names_a_corrupt_image_and_quarantines_it_with_skip_bad(project: Path) -> None:
+    import numpy as np
+
+    imgs = project / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((20, 30, 3)) * 255).astype("uint8")).save(imgs / f"{i}.png")
+    (imgs / "broken.jpg").write_bytes(b"not an image")
+    proc = selftrain(project, "data", "import", "folder", "imgs", "-o", "out", ok=False)
+    assert proc.returncode == 2 and "broken.jpg" in proc.stderr
+    assert not (project / "out" / "index.json").exists()  # nothing half-written was published
+    proc = selftrain(project, "data", "import", "folder", "imgs", "-o", "out", "--skip-bad")
+    index = yaml.safe_load((project / "out" / "index.json").read_text())
+    assert index["num_samples"] == 3
+    assert [Path(q["source"]).name for q in index["quarantined"]] == ["broken.jpg"]
+
+
+def test_export_parts_to_coco_json_loads_in_pycocotools(project: Path) -> None:
+    from pycocotools.coco import COCO
+
+    selftrain(project, "data", "generate", "-c", "small.yaml", "--no-version", "-o", "ds")
+    selftrain(project, "data", "export", "ds/eval", "-o", "parts.json", "--kind", "parts")
+    coco = COCO(str(project / "parts.json"))
+    assert len(coco.getImgIds()) == SMALL["eval_images"] and len(coco.getAnnIds()) > 0
