@@ -29,6 +29,7 @@ from torch import Tensor
 Metric = Literal["cosine", "l2"]
 DISTINCT_TOL = 1e-5  # squared distance below DISTINCT_TOL * (|x|^2 + |c|^2): the same point (float32 dot-product noise)
 ZERO_NORM = 1e-12  # features with a smaller L2 norm are "zero vectors" under the cosine metric
+CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 28}  # padded points x D per chunk of problems solved together
 
 
 def pack_instances(features: list[Tensor], max_points: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -78,10 +79,12 @@ def _sample(weights: Tensor, u: Tensor) -> Tensor:
 
 
 def _sq_dist_to(x: Tensor, sqn: Tensor, c: Tensor) -> Tensor:
-    """Squared distance of every point [B, N, D] to one centre per problem [B, D]; near-duplicates -> exactly 0."""
-    csq = (c * c).sum(-1, keepdim=True)  # [B, 1]
-    d2 = sqn + csq - 2 * torch.bmm(x, c.unsqueeze(2)).squeeze(2)
-    return torch.where(d2 <= DISTINCT_TOL * (sqn + csq), torch.zeros_like(d2), d2)
+    """Squared distance of every point [B, N, D] to T centres per problem [B, T, D] -> [B, N, T];
+    near-duplicates (within float32 dot-product noise) -> exactly 0."""
+    csq = (c * c).sum(-1).unsqueeze(1)  # [B, 1, T]
+    scale = sqn.unsqueeze(2) + csq
+    d2 = scale - 2 * torch.bmm(x, c.transpose(1, 2))
+    return d2.masked_fill_(d2 <= DISTINCT_TOL * scale, 0.0)
 
 
 def _init(x: Tensor, sqn: Tensor, fit: Tensor, k: int, init: str, seed: int) -> tuple[Tensor, Tensor]:
@@ -100,24 +103,26 @@ def _init(x: Tensor, sqn: Tensor, fit: Tensor, k: int, init: str, seed: int) -> 
                 idx = _sample(fit.to(x.dtype), u[:, 0, 0])
             else:  # farthest from the problem's mean
                 mean = (x * fit.unsqueeze(2)).sum(1) / fit.sum(1, keepdim=True).clamp(min=1)
-                idx = torch.where(fit, _sq_dist_to(x, sqn, mean), torch.full_like(mind, -1.0)).argmax(1)
+                idx = _sq_dist_to(x, sqn, mean.unsqueeze(1)).squeeze(2).masked_fill_(~fit, -1.0).argmax(1)
             take = has
+            d_new = _sq_dist_to(x, sqn, x[rows, idx].unsqueeze(1)).squeeze(2)
         else:
-            w = torch.where(fit, mind, torch.zeros_like(mind))
+            w = mind.masked_fill(~fit, 0.0)
             take = w.amax(1) > 0
             if init == "k-means++":  # greedy: of `trials` draws keep the one that lowers the potential most
                 w = torch.where(take.unsqueeze(1), w, fit.to(x.dtype))
                 cands = torch.stack([_sample(w, u[:, j, t]) for t in range(trials)], 1)  # [B, T]
-                pot = torch.stack([torch.minimum(mind, _sq_dist_to(x, sqn, x[rows, cands[:, t]])).masked_fill(~fit, 0).sum(1)
-                                   for t in range(trials)], 1)
-                idx = cands.gather(1, pot.argmin(1, keepdim=True)).squeeze(1)
+                d_t = _sq_dist_to(x, sqn, x[rows.unsqueeze(1), cands])  # [B, N, T]: one pass for all trials
+                d_t = torch.minimum(d_t, mind.unsqueeze(2))
+                best = d_t.masked_fill_(~fit.unsqueeze(2), 0.0).sum(1).argmin(1)  # [B]
+                idx = cands.gather(1, best.unsqueeze(1)).squeeze(1)
+                d_new = d_t.gather(2, best.view(b, 1, 1).expand(b, n, 1)).squeeze(2)
             else:
                 idx = w.argmax(1)
-        c = x[rows, idx]
-        cent[:, j] = torch.where(take.unsqueeze(1), c, cent[:, j])
+                d_new = _sq_dist_to(x, sqn, x[rows, idx].unsqueeze(1)).squeeze(2)
+        cent[:, j] = torch.where(take.unsqueeze(1), x[rows, idx], cent[:, j])
         nclus += take.long()
-        if j + 1 < k:
-            mind = torch.where(take.unsqueeze(1), torch.minimum(mind, _sq_dist_to(x, sqn, c)), mind)
+        mind = torch.where(take.unsqueeze(1), torch.minimum(mind, d_new), mind)
         if not bool(take.any()):
             break
     return cent, nclus
@@ -136,32 +141,9 @@ def _nearest(x: Tensor, sqn: Tensor, cent: Tensor, cvalid: Tensor, metric: str) 
     return idx, best
 
 
-def batched_kmeans(
-    features: Tensor,
-    valid: Tensor,
-    k: int,
-    iters: int = 20,
-    metric: Metric = "cosine",
-    seed: int = 0,
-    device: torch.device | str | None = None,
-    init: Literal["k-means++", "farthest"] = "k-means++",
-) -> tuple[Tensor, Tensor, dict]:
-    """Solve B independent k-means problems ``features [B, N, D]`` (``valid [B, N]`` marks real points) at once.
-
-    Returns ``assign [B, N]`` (-1 on padding), ``centroids [B, k, D]`` and ``info`` with ``num_clusters [B]``,
-    ``counts [B, k]``, ``iters`` (Lloyd iterations run) and ``converged [B]`` (assignments stable).
-    """
-    if metric not in ("cosine", "l2"):
-        raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
-    if init not in ("k-means++", "farthest"):
-        raise ValueError(f"init must be 'k-means++' or 'farthest', got {init!r}")
-    if features.ndim != 3 or valid.shape != features.shape[:2]:
-        raise ValueError(f"features must be [B, N, D] and valid [B, N], got {tuple(features.shape)} and {tuple(valid.shape)}")
-    if k < 1:
-        raise ValueError("k must be >= 1")
-    device = torch.device(device) if device is not None else features.device
-    x = features.to(device=device, dtype=torch.float32)
-    valid = valid.to(device=device, dtype=torch.bool)
+def _solve(x: Tensor, valid: Tensor, k: int, iters: int, metric: str, seed: int, init: str) -> tuple[Tensor, Tensor, dict]:
+    """``batched_kmeans`` on one chunk of problems (float32, on its device)."""
+    device = x.device
     b, n, _ = x.shape
     x = torch.where(valid.unsqueeze(2), x, torch.zeros_like(x))
     zero = torch.zeros_like(valid)
@@ -224,7 +206,66 @@ def batched_kmeans(
     counts[:, 0] += zero.sum(1)
     nclus = torch.where(only_zero, torch.ones_like(nclus), nclus)
     cent = torch.where((slots.unsqueeze(0) < nclus.unsqueeze(1)).unsqueeze(2), cent, torch.zeros_like(cent))
-    info = {"num_clusters": nclus, "counts": counts, "iters": ran, "converged": stable}
+    ran_t = torch.full((b,), ran, dtype=torch.long, device=device)
+    return assign, cent, {"num_clusters": nclus, "counts": counts, "iters": ran_t, "converged": stable}
+
+
+def batched_kmeans(
+    features: Tensor,
+    valid: Tensor,
+    k: int,
+    iters: int = 20,
+    metric: Metric = "cosine",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    init: Literal["k-means++", "farthest"] = "k-means++",
+) -> tuple[Tensor, Tensor, dict]:
+    """Solve B independent k-means problems ``features [B, N, D]`` (``valid [B, N]`` marks real points) at once.
+
+    Returns ``assign [B, N]`` (-1 on padding), ``centroids [B, k, D]`` and ``info`` with ``num_clusters [B]``,
+    ``counts [B, k]``, ``iters [B]`` (Lloyd iterations run) and ``converged [B]`` (assignments stable).
+    """
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+    if init not in ("k-means++", "farthest"):
+        raise ValueError(f"init must be 'k-means++' or 'farthest', got {init!r}")
+    if features.ndim != 3 or valid.shape != features.shape[:2]:
+        raise ValueError(f"features must be [B, N, D] and valid [B, N], got {tuple(features.shape)} and {tuple(valid.shape)}")
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    device = torch.device(device) if device is not None else features.device
+    x = features.to(device=device, dtype=torch.float32)
+    valid = valid.to(device=device, dtype=torch.bool)
+    b, n, d = x.shape
+    # Valid points to the front (order kept, so seeding is unchanged), problems sorted by size and solved in chunks
+    # of similar size: little padding, and on CPU each chunk stays in cache.
+    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # [B, N]
+    sizes = valid.sum(1)
+    by_size = torch.sort(sizes, stable=True).indices.tolist()
+    sizes_l = sizes.tolist()
+    budget = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"])
+    assign = torch.full((b, n), -1, dtype=torch.long, device=device)
+    cent = x.new_zeros((b, k, d))
+    info = {"num_clusters": torch.zeros(b, dtype=torch.long, device=device),
+            "counts": torch.zeros((b, k), dtype=torch.long, device=device),
+            "iters": torch.zeros(b, dtype=torch.long, device=device),
+            "converged": torch.zeros(b, dtype=torch.bool, device=device)}
+    i = 0
+    while i < b:
+        j = i + 1
+        while j < b and (j + 1 - i) * max(1, sizes_l[by_size[j]]) * d <= budget:
+            j += 1
+        rows = torch.tensor(by_size[i:j], device=device)
+        m = max(1, sizes_l[by_size[j - 1]])
+        pts = order[rows, :m]  # [c, m]
+        xs = x[rows.unsqueeze(1), pts]
+        vs = valid[rows.unsqueeze(1), pts]
+        a, c, inf = _solve(xs, vs, k, iters, metric, seed, init)
+        assign[rows.unsqueeze(1), pts] = torch.where(vs, a, torch.full_like(a, -1))
+        cent[rows] = c
+        for key, val in inf.items():
+            info[key][rows] = val
+        i = j
     return assign, cent, info
 
 
