@@ -140,6 +140,7 @@ def write_dataset(
     part_ids = None if part_categories is None else {c["id"] for c in part_categories}
 
     out = Path(out_dir)
+    new_dir = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         old = DatasetIndex.load(out)
@@ -196,6 +197,8 @@ def write_dataset(
         for p in created:
             if p.name not in keep:
                 p.unlink(missing_ok=True)
+        if new_dir and not any(out.iterdir()):
+            out.rmdir()
         raise
     _collect_garbage(out, {s["name"] for s in shards})
     return index

@@ -244,6 +244,16 @@ def test_interrupted_write_keeps_the_published_dataset(tmp_path: Path) -> None:
     assert [k for k, _, _ in shards.iter_samples(d, decode=False)] == [f"s{i:05d}" for i in range(6)]
 
 
+def test_interrupted_first_write_leaves_nothing(tmp_path: Path) -> None:
+    def interrupted():
+        yield from make_samples(6)
+        raise RuntimeError("worker killed")
+
+    with pytest.raises(RuntimeError):
+        write(interrupted(), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
 def test_rewrite_replaces_the_dataset_and_removes_stale_shards(tmp_path: Path) -> None:
     d = tmp_path / "ds"
     write(make_samples(9, seed=1), d)
