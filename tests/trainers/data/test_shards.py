@@ -266,3 +266,22 @@ def test_rewrite_replaces_the_dataset_and_removes_stale_shards(tmp_path: Path) -
 def test_missing_index_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="index.json"):
         list(shards.iter_samples(tmp_path))
+
+
+def test_torch_dataset_takes_rank_and_world_from_torch_distributed(tmp_path: Path, monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    write(make_samples(8), tmp_path / "ds", shard_size=2)  # 4 shards
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    keys = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        keys[rank] = [k for k, _, _ in shards.ShardDataset(tmp_path / "ds", decode=False)]
+    assert keys[0] == ["s00000", "s00001", "s00004", "s00005"] and keys[1] == ["s00002", "s00003", "s00006", "s00007"]
+
+
+def test_verify_names_a_missing_shard(tmp_path: Path) -> None:
+    index = write(make_samples(5), tmp_path / "ds")
+    (tmp_path / "ds" / index.shards[0]["name"]).unlink()
+    with pytest.raises(DataError, match=f"{index.shards[0]['name']}: shard listed in the index is missing"):
+        shards.verify(tmp_path / "ds")
