@@ -83,7 +83,7 @@ def bench_mining(args) -> dict:
     k, iters = 4, 20
 
     def run_batched():
-        x, valid, _ = pack_instances(tens)
+        x, valid = pack_instances(tens)
         return batched_kmeans(x, valid, k, iters=iters, seed=0)[0]
 
     def run_sklearn():

@@ -32,11 +32,11 @@ ZERO_NORM = 1e-12  # features with a smaller L2 norm are "zero vectors" under th
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 28}  # padded points x D per chunk of problems solved together
 
 
-def pack_instances(features: list[Tensor], max_points: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor, list[Tensor]]:
+def pack_instances(features: list[Tensor], max_points: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Pad a list of ``[n_i, D]`` point sets into one batch ``([B, Nmax, D], valid [B, Nmax])``.
 
-    With ``max_points``, an instance with more points keeps a seeded random subset of ``max_points`` of them;
-    the third value gives, per instance, the indices (into its original points) that were kept, in batch order.
+    With ``max_points``, an instance with more points keeps a seeded random subset of ``max_points`` of them (in
+    their original order); cluster the subset, then label every point with ``assign_to_centroids``.
     """
     if not features:
         raise ValueError("pack_instances needs at least one instance")
@@ -44,20 +44,17 @@ def pack_instances(features: list[Tensor], max_points: int | None = None, seed: 
     gen = torch.Generator().manual_seed(seed)
     kept = []
     for f in features:
-        n = f.shape[0]
         if f.ndim != 2 or f.shape[1] != dim:
             raise ValueError(f"every instance must be [n, {dim}], got {tuple(f.shape)}")
-        if max_points is not None and n > max_points:
-            kept.append(torch.randperm(n, generator=gen)[:max_points].sort().values)
-        else:
-            kept.append(torch.arange(n))
-    nmax = max(1, max(len(k) for k in kept))
-    out = features[0].new_zeros((len(features), nmax, dim))
-    valid = torch.zeros((len(features), nmax), dtype=torch.bool, device=features[0].device)
+        n = f.shape[0]
+        kept.append(torch.randperm(n, generator=gen)[:max_points].sort().values if max_points is not None and n > max_points else None)
+    sizes = [len(k) if k is not None else f.shape[0] for k, f in zip(kept, features)]
+    out = features[0].new_zeros((len(features), max(1, max(sizes)), dim))
+    valid = torch.zeros(out.shape[:2], dtype=torch.bool, device=out.device)
     for b, (f, idx) in enumerate(zip(features, kept)):
-        out[b, : len(idx)] = f[idx.to(f.device)]
-        valid[b, : len(idx)] = True
-    return out, valid, kept
+        out[b, : sizes[b]] = f if idx is None else f[idx.to(f.device)]
+        valid[b, : sizes[b]] = True
+    return out, valid
 
 
 def _uniforms(seed: int, count: int) -> np.ndarray:
@@ -237,6 +234,14 @@ def batched_kmeans(
     x = features.to(device=device, dtype=torch.float32)
     valid = valid.to(device=device, dtype=torch.bool)
     b, n, d = x.shape
+    assign = torch.full((b, n), -1, dtype=torch.long, device=device)
+    cent = x.new_zeros((b, k, d))
+    info = {"num_clusters": torch.zeros(b, dtype=torch.long, device=device),
+            "counts": torch.zeros((b, k), dtype=torch.long, device=device),
+            "iters": torch.zeros(b, dtype=torch.long, device=device),
+            "converged": torch.ones(b, dtype=torch.bool, device=device)}
+    if n == 0 or b == 0:
+        return assign, cent, info
     # Valid points to the front (order kept, so seeding is unchanged), problems sorted by size and solved in chunks
     # of similar size: little padding, and on CPU each chunk stays in cache.
     order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # [B, N]
@@ -244,12 +249,6 @@ def batched_kmeans(
     by_size = torch.sort(sizes, stable=True).indices.tolist()
     sizes_l = sizes.tolist()
     budget = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"])
-    assign = torch.full((b, n), -1, dtype=torch.long, device=device)
-    cent = x.new_zeros((b, k, d))
-    info = {"num_clusters": torch.zeros(b, dtype=torch.long, device=device),
-            "counts": torch.zeros((b, k), dtype=torch.long, device=device),
-            "iters": torch.zeros(b, dtype=torch.long, device=device),
-            "converged": torch.zeros(b, dtype=torch.bool, device=device)}
     i = 0
     while i < b:
         j = i + 1

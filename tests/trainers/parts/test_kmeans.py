@@ -40,7 +40,7 @@ def purity(labels: torch.Tensor, assign: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def problems():
     feats, labels = planted(64)
-    x, valid, _ = pack_instances(feats)
+    x, valid = pack_instances(feats)
     assign, cent, info = batched_kmeans(x, valid, K, seed=0)
     return feats, labels, x, valid, assign, cent, info
 
@@ -111,6 +111,14 @@ def test_fewer_points_than_k_gives_one_cluster_per_distinct_point():
     assert info_l2["num_clusters"].tolist() == [3, 2] and len(set(a_l2[0, :3].tolist())) == 3
 
 
+def test_problem_without_points_has_no_cluster():
+    x = torch.randn(3, 5, 4)
+    valid = torch.tensor([[True] * 5, [False] * 5, [True, False, True, False, True]])
+    assign, cent, info = batched_kmeans(x, valid, 2)
+    assert info["num_clusters"].tolist() == [2, 0, 2] and (assign[1] == -1).all() and (cent[1] == 0).all()
+    assert (assign[2, [1, 3]] == -1).all() and (assign[2, [0, 2, 4]] >= 0).all()
+
+
 def test_all_identical_points_make_one_cluster_without_nan():
     x = torch.full((2, 50, 8), 0.7)
     assign, cent, info = batched_kmeans(x, torch.ones(2, 50, dtype=torch.bool), 4)
@@ -150,9 +158,10 @@ def test_assign_to_centroids_matches_the_fit_on_all_points(problems):
 
 def test_subsampled_fit_then_full_assignment_recovers_the_planted_partition():
     feats, labels = planted(8, seed=5)
-    x, valid, kept = pack_instances(feats, max_points=40, seed=0)
-    assert x.shape[1] == 40 and all(len(k) == min(40, len(f)) for k, f in zip(kept, feats))
-    assert torch.equal(x[0, : len(kept[0])], feats[0][kept[0]])
+    x, valid = pack_instances(feats, max_points=40, seed=0)
+    assert x.shape[1] == 40 and valid.sum(1).tolist() == [min(40, len(f)) for f in feats]
+    assert all((x[b][valid[b]].unsqueeze(1) == f.unsqueeze(0)).all(2).any(1).all() for b, f in enumerate(feats))  # its rows
+    assert torch.equal(pack_instances(feats, max_points=40, seed=0)[0], x)  # seeded
     _, cent, info = batched_kmeans(x, valid, K)
     for b, f in enumerate(feats):
         assert same_partition(labels[b], assign_to_centroids(f, cent[b], num_clusters=int(info["num_clusters"][b])))
