@@ -383,6 +383,36 @@ def _collect_garbage(out: Path, live: set[str]) -> None:
             p.unlink(missing_ok=True)
 
 
+def part_dir(out_dir: str | os.PathLike, rank: int) -> Path:
+    """Where rank ``rank`` of a multi-rank writer puts its share: ``<out_dir>/rank-<rank>``."""
+    return Path(out_dir) / f"rank-{rank:05d}"
+
+
+def merge_parts(out_dir: str | os.PathLike, world_size: int, *, name: str | None = None) -> DatasetIndex:
+    """Publish one index over the shares ranks 0..world_size-1 wrote with ``write_dataset(.., part_dir(out, r))``.
+
+    The map-over-shards pattern: every rank writes its own complete dataset part (atomic as
+    always), then one rank calls this after a barrier. Shards are listed as ``rank-<r>/<shard>``,
+    so readers, ``verify`` and DVC see one dataset; categories must agree across parts. The
+    combined ``index.json`` is the publish point: until it is written, readers see the previous
+    dataset (or none).
+    """
+    out = Path(out_dir)
+    parts = [DatasetIndex.load(part_dir(out, r)) for r in range(world_size)]
+    first = parts[0]
+    for r, p in enumerate(parts[1:], 1):
+        if p.categories != first.categories or p.part_categories != first.part_categories or p.split != first.split:
+            raise DataError(f"rank {r}'s part disagrees with rank 0's on split or categories", source=part_dir(out, r))
+    index = DatasetIndex(
+        name=name or first.name, split=first.split, num_samples=sum(p.num_samples for p in parts),
+        categories=first.categories, part_categories=first.part_categories, has_parts=any(p.has_parts for p in parts),
+        shards=[{**s, "name": f"{part_dir(out, r).name}/{s['name']}"} for r, p in enumerate(parts) for s in p.shards],
+        quarantined=[q for p in parts for q in p.quarantined], source=first.source,
+    )
+    index.save(out)
+    return index
+
+
 # ----------------------------------------------------------------------------- checking
 
 

@@ -285,3 +285,21 @@ def test_verify_names_a_missing_shard(tmp_path: Path) -> None:
     (tmp_path / "ds" / index.shards[0]["name"]).unlink()
     with pytest.raises(DataError, match=f"{index.shards[0]['name']}: shard listed in the index is missing"):
         shards.verify(tmp_path / "ds")
+
+
+def test_merge_parts_publishes_one_dataset_over_every_rank_share(tmp_path):
+    """Map over shards by rank: each rank writes its part, one index covers all, readers see each sample once."""
+    from trainers.data.shards import iter_samples, merge_parts, part_dir, verify, write_dataset
+    import numpy as np
+
+    cats = [{"id": 1, "name": "thing"}]
+    keys = [f"s{i:03d}" for i in range(10)]
+    for r in range(2):
+        mine = [(k, np.full((8, 8, 3), i, np.uint8), {"image_id": i, "height": 8, "width": 8, "objects": []})
+                for i, k in enumerate(keys) if i % 2 == r]
+        write_dataset(mine, part_dir(tmp_path / "out", r), name="x", split="train", categories=cats, shard_size=2)
+    index = merge_parts(tmp_path / "out", 2)
+    assert index.num_samples == 10
+    verify(tmp_path / "out")
+    seen = [k for w in range(3) for k, _, _ in iter_samples(tmp_path / "out", rank=w, world_size=3)]
+    assert sorted(seen) == keys
