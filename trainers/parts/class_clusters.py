@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.parts.kmeans import ZERO_NORM, faiss_kmeans
+from trainers.parts.kmeans import ZERO_NORM, faiss_kmeans, relabel_by_size
 
-BLOCK_ROWS = 65536  # rows per block when scanning or assigning a class's candidates
+BLOCK_BYTES = 8 << 20  # a class's candidates are scanned and assigned in blocks of this many bytes
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -182,44 +182,65 @@ def _faiss_gpu(use_gpu) -> bool:
 
 
 def _load_class(chunks: list[Path]) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Memory-mapped feature chunks of one class and, when every chunk has them, its keys."""
     feats = [np.load(p, mmap_mode="r") for p in chunks]
     key_paths = [p.with_name(p.name[: -len(".npy")] + ".keys.npy") for p in chunks]
     keys = np.concatenate([np.load(k) for k in key_paths]) if key_paths and all(k.exists() for k in key_paths) else None
     return feats, keys
 
 
+def _blocks(feats: list[np.ndarray], rows: int):
+    """(start row, float32 block) over the concatenation of memory-mapped chunks."""
+    pos = 0
+    for f in feats:
+        for s in range(0, len(f), rows):
+            blk = np.asarray(f[s: s + rows], dtype=np.float32)
+            yield pos, blk
+            pos += len(blk)
+
+
 def _cluster_one(chunks: list[Path], k: int, niter: int, seed: int, gpu: bool, max_points_per_centroid: int) -> dict:
-    """Spherical k-means over one class's candidates: filter NaN/inf and zero rows, normalise, cluster, assign all."""
+    """Spherical k-means over one class's candidates (sec. 4.3): drop NaN/inf and zero rows, train faiss on at most
+    ``max_points_per_centroid * k`` of the rest (seeded sample), assign every candidate. Memory: a block of rows,
+    the training sample and ~13 bytes per candidate, never the class's whole feature matrix."""
     feats, keys = _load_class(chunks)
     n = sum(len(f) for f in feats)
     dim = feats[0].shape[1] if feats else 0
+    rows = max(1, BLOCK_BYTES // (4 * max(1, dim)))
     ok = np.zeros(n, dtype=bool)
+    inv_norm = np.zeros(n, dtype=np.float32)
     num_nan = num_zero = 0
-    pos = 0
-    for f in feats:  # scan in blocks: memory per class stays at the kept rows, not the whole class
-        for s in range(0, len(f), BLOCK_ROWS):
-            blk = np.asarray(f[s: s + BLOCK_ROWS], dtype=np.float32)
-            finite = np.isfinite(blk).all(1)
-            norm = np.linalg.norm(np.where(finite[:, None], blk, 0), axis=1)
-            zero = finite & (norm < ZERO_NORM)
-            num_nan += int((~finite).sum())
-            num_zero += int(zero.sum())
-            ok[pos: pos + len(blk)] = finite & ~zero
-            pos += len(blk)
-    x = np.empty((int(ok.sum()), dim), dtype=np.float32)
-    w = pos = 0
-    for f in feats:
-        for s in range(0, len(f), BLOCK_ROWS):
-            blk = np.asarray(f[s: s + BLOCK_ROWS], dtype=np.float32)[ok[pos: pos + min(BLOCK_ROWS, len(f) - s)]]
-            x[w: w + len(blk)] = blk / np.linalg.norm(blk, axis=1, keepdims=True)
-            w += len(blk)
-            pos += min(BLOCK_ROWS, len(f) - s)
-    a, cent = faiss_kmeans(x, k, niter=niter, seed=seed, metric="cosine", gpu=gpu,
-                           max_points_per_centroid=max_points_per_centroid)
+    for pos, blk in _blocks(feats, rows):
+        finite = np.isfinite(blk).all(1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            norm = np.sqrt(np.einsum("ij,ij->i", blk, blk, dtype=np.float64))
+        zero = finite & (norm < ZERO_NORM)
+        good = finite & ~zero
+        num_nan += int((~finite).sum())
+        num_zero += int(zero.sum())
+        ok[pos: pos + len(blk)] = good
+        inv_norm[pos: pos + len(blk)][good] = 1.0 / norm[good]
+    valid_idx = np.flatnonzero(ok)
+    budget = max_points_per_centroid * k
+    sample = valid_idx if len(valid_idx) <= budget else np.sort(np.random.default_rng(seed).choice(valid_idx, budget, replace=False))
+    offsets = np.cumsum([0] + [len(f) for f in feats])
+    which = np.searchsorted(offsets, sample, side="right") - 1
+    train = np.empty((len(sample), dim), dtype=np.float32)
+    for c in np.unique(which):
+        sel = which == c
+        train[sel] = feats[c][sample[sel] - offsets[c]]
+    train *= inv_norm[sample, None]
+    a, cent = faiss_kmeans(train, k, niter=niter, seed=seed, metric="cosine", gpu=gpu)
     assign = np.full(n, -1, dtype=np.int64)
-    assign[ok] = a
-    out = {"centroids": cent, "counts": np.bincount(a, minlength=len(cent)).astype(np.int64), "assign": assign,
-           "num_candidates": np.int64(n), "num_nan": np.int64(num_nan), "num_zero": np.int64(num_zero)}
+    if len(sample) == len(valid_idx):
+        assign[sample] = a
+    else:  # nearest centroid (max cosine) for every candidate, block by block
+        for pos, blk in _blocks(feats, rows):
+            good = ok[pos: pos + len(blk)]
+            assign[pos: pos + len(blk)][good] = (blk[good] @ cent.T).argmax(1)
+        assign, cent = relabel_by_size(assign, cent)
+    out = {"centroids": cent, "counts": np.bincount(assign[assign >= 0], minlength=len(cent)).astype(np.int64),
+           "assign": assign, "num_candidates": np.int64(n), "num_nan": np.int64(num_nan), "num_zero": np.int64(num_zero)}
     if keys is not None:
         out["keys"] = keys
     return out
@@ -243,7 +264,10 @@ def cluster_classes(
     Classes go to ranks by ``partition_classes`` (balanced when ``counts`` is given, e.g. ``spill_counts``).
     A class whose ``<out>/class-<id>.npz`` exists with the same params is skipped (resume). A class with
     fewer distinct candidates than ``k`` gets that many clusters; a class with none is reported as empty.
-    Returns a JSON-able summary: ``classes`` (per class: status, num_candidates, num_nan, num_zero, k, seconds),
+    faiss trains on at most ``max_points_per_centroid * k`` candidates of a class (faiss's own default, 256),
+    then every candidate is assigned to its nearest centroid.
+    Returns a JSON-able summary: ``classes`` (per class: status, num_candidates, num_nan, num_zero, k, seconds to
+    load and cluster, write_seconds),
     and the lists ``computed``, ``skipped``, ``empty``.
     """
     out_dir = Path(out_dir)
@@ -264,7 +288,7 @@ def cluster_classes(
             except (OSError, KeyError, ValueError):
                 same = False
             if same:
-                summary["classes"][cid] = {"status": "skipped", **info, "seconds": 0.0}
+                summary["classes"][cid] = {"status": "skipped", **info, "seconds": 0.0, "write_seconds": 0.0}
                 summary["skipped"].append(cid)
                 if info["k"] == 0:
                     summary["empty"].append(cid)
@@ -272,11 +296,12 @@ def cluster_classes(
         t0 = time.perf_counter()
         res = _cluster_one(spill_chunks(spill_dir, cid), k, niter, seed, gpu, max_points_per_centroid)
         res["params"] = np.array(params)
+        t1 = time.perf_counter()
         _atomic_write(path, lambda fh: np.savez(fh, **res))
         kc = int(len(res["counts"]))
         summary["classes"][cid] = {"status": "empty" if kc == 0 else "computed", "num_candidates": int(res["num_candidates"]),
                                    "num_nan": int(res["num_nan"]), "num_zero": int(res["num_zero"]), "k": kc,
-                                   "seconds": time.perf_counter() - t0}
+                                   "seconds": t1 - t0, "write_seconds": time.perf_counter() - t1}
         summary["computed"].append(cid)
         if kc == 0:
             summary["empty"].append(cid)

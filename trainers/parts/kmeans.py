@@ -296,17 +296,25 @@ def distinct_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, inverse.reshape(-1)
 
 
+def relabel_by_size(assign: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Number clusters by size, largest first (ties by old id), dropping empty ones; -1 stays -1."""
+    counts = np.bincount(assign[assign >= 0], minlength=len(centroids))
+    order = np.argsort(-counts, kind="stable")
+    order = order[counts[order] > 0]
+    rank_of = np.full(len(centroids) + 1, -1, np.int64)  # last slot: -1 maps to -1
+    rank_of[order] = np.arange(len(order))
+    return rank_of[assign], np.ascontiguousarray(centroids[order], dtype=np.float32)
+
+
 def faiss_kmeans(
     x: np.ndarray, k: int, niter: int = 20, seed: int = 0, metric: Metric = "cosine", gpu: bool = False,
-    max_points_per_centroid: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One k-means problem with faiss (``spherical=True`` for cosine): ``(assign [n], centroids [k_c, D])``.
+    """One k-means problem with faiss (``spherical=True`` for cosine) over all rows of ``x``: ``(assign [n], centroids [k_c, D])``.
 
-    ``x`` must already be normalised for cosine and free of NaN/zero rows. With fewer than ``k`` distinct rows,
-    ``k_c`` is the number of distinct rows and each is its own cluster (no random centroids). faiss trains on at
-    most ``max_points_per_centroid * k`` rows (a seeded subsample) and then assigns every row.
-    Clusters are numbered by size, largest first. faiss starts from the same greedy k-means++ seeding as
-    ``batched_kmeans`` (its own random init falls into poor local minima for k=8).
+    ``x`` must already be normalised for cosine and free of NaN/zero rows. With at most ``k`` distinct rows,
+    ``k_c`` is the number of distinct rows and each is its own cluster (no random centroids). faiss starts from
+    the same greedy k-means++ seeding as ``batched_kmeans`` (its own random init falls into poor local minima
+    for k=8). Clusters are numbered by size, largest first.
     """
     import faiss
 
@@ -321,23 +329,11 @@ def faiss_kmeans(
         if len(first) < k:
             first, inverse = distinct_rows(x)
     if len(first) <= k and len(inverse) == n:
-        cent, assign = x[first], inverse.astype(np.int64)
-    else:
-        train = x
-        if n > max_points_per_centroid * k:
-            pick = np.random.default_rng(seed).choice(n, max_points_per_centroid * k, replace=False)
-            train = x[np.sort(pick)]
-        t = torch.from_numpy(train).unsqueeze(0)
-        init, _ = _init(t, (t * t).sum(2), torch.ones(t.shape[:2], dtype=torch.bool), k, "k-means++", seed)
-        km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=(metric == "cosine"), gpu=gpu, verbose=False,
-                          min_points_per_centroid=1, max_points_per_centroid=len(train))
-        km.train(train, init_centroids=init[0].numpy())
-        cent = km.centroids
-        _, a = km.index.search(x, 1)
-        assign = a[:, 0].astype(np.int64)
-    counts = np.bincount(assign, minlength=len(cent))
-    order = np.argsort(-counts, kind="stable")
-    order = order[counts[order] > 0]
-    rank_of = np.full(len(cent), -1, np.int64)
-    rank_of[order] = np.arange(len(order))
-    return rank_of[assign], np.ascontiguousarray(cent[order], dtype=np.float32)
+        return relabel_by_size(inverse.astype(np.int64), x[first])
+    t = torch.from_numpy(x).unsqueeze(0)
+    init, _ = _init(t, (t * t).sum(2), torch.ones(t.shape[:2], dtype=torch.bool), k, "k-means++", seed)
+    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=(metric == "cosine"), gpu=gpu, verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=n)  # no warning, no second subsample
+    km.train(x, init_centroids=init[0].numpy())
+    _, a = km.index.search(x, 1)
+    return relabel_by_size(a[:, 0].astype(np.int64), km.centroids)

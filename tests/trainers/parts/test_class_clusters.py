@@ -66,8 +66,10 @@ def test_reopening_a_writer_replaces_its_chunks(spilled):
     assert sum(len(np.load(p)) for p in spill_chunks(spilled["spill"], 0)) == 123
 
 
-def test_planted_part_clusters_recovered_per_class(spilled):
-    summary = cluster_classes(spilled["spill"], spilled["out"], range(4), k=K, seed=0, use_gpu=False)
+@pytest.mark.parametrize("max_points_per_centroid", [256, 10])  # 10: trained on a sample of 80, all assigned
+def test_planted_part_clusters_recovered_per_class(spilled, max_points_per_centroid):
+    summary = cluster_classes(spilled["spill"], spilled["out"], range(4), k=K, seed=0, use_gpu=False,
+                              max_points_per_centroid=max_points_per_centroid)
     assert summary["computed"] == [0, 1, 2, 3]
     for c in range(4):
         res = load_class_clusters(spilled["out"], c)
