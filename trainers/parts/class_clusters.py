@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -69,8 +68,9 @@ class FeatureSpill:
         self.counts: dict[int, int] = defaultdict(int)
         self.dim: int | None = None
         self.root.mkdir(parents=True, exist_ok=True)
-        for old in self.root.glob(f"class-*/chunk-{writer}-*.npy"):
+        for old in [*self.root.glob(f"class-*/chunk-{writer}-*.npy"), *self.root.glob(f"class-*/.chunk-{writer}-*.tmp")]:
             old.unlink()
+        self._keyed: dict[int, bool] = {}
         (self.root / "_writers" / f"{writer}.json").unlink(missing_ok=True)
 
     def append(self, class_id: int, features, keys=None) -> None:
@@ -88,9 +88,11 @@ class FeatureSpill:
             kk = np.asarray(keys.detach().cpu() if hasattr(keys, "detach") else keys, dtype=np.int64)
             if kk.shape[0] != f.shape[0]:
                 raise ValueError("keys must have one row per feature")
+        cid = int(class_id)
+        if self._keyed.setdefault(cid, kk is not None) != (kk is not None):
+            raise ValueError(f"class {cid}: either every append of a writer gives keys or none does")
         if not len(f):
             return
-        cid = int(class_id)
         self._buf[cid].append((f, kk))
         self._buf_rows[cid] += len(f)
         self._buf_bytes += f.nbytes + (kk.nbytes if kk is not None else 0)
@@ -107,13 +109,10 @@ class FeatureSpill:
             return
         feats = np.concatenate([p[0] for p in parts])
         self._buf_bytes -= sum(p[0].nbytes + (p[1].nbytes if p[1] is not None else 0) for p in parts)
-        has_keys = [p[1] is not None for p in parts]
-        if any(has_keys) and not all(has_keys):
-            raise ValueError(f"class {cid}: either every append gives keys or none does")
         name = f"chunk-{self.writer}-{self._seq[cid]:06d}"
         self._seq[cid] += 1
         d = self.root / f"class-{cid}"
-        if all(has_keys):
+        if self._keyed[cid]:
             keys = np.concatenate([p[1] for p in parts])
             _atomic_write(d / f"{name}.keys.npy", lambda fh: np.save(fh, keys))
         _atomic_write(d / f"{name}.npy", lambda fh: np.save(fh, feats))

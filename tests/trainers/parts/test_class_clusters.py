@@ -66,6 +66,28 @@ def test_reopening_a_writer_replaces_its_chunks(spilled):
     assert sum(len(np.load(p)) for p in spill_chunks(spilled["spill"], 0)) == 123
 
 
+def test_a_chunk_is_published_whole_or_not_at_all(tmp_path, monkeypatch):
+    w = FeatureSpill(tmp_path, writer="0", chunk_rows=4)
+    w.append(0, np.ones((4, D)))
+
+    def crash(fh, arr):
+        fh.write(b"half a chunk")
+        raise OSError("node lost")
+
+    monkeypatch.setattr(np, "save", crash)
+    with pytest.raises(OSError):
+        w.append(0, np.ones((4, D)))
+    monkeypatch.undo()
+    assert [len(np.load(p)) for p in spill_chunks(tmp_path, 0)] == [4] and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_mixing_keyed_and_unkeyed_appends_is_refused(tmp_path):
+    w = FeatureSpill(tmp_path, writer="0")
+    w.append(0, np.ones((2, D)), keys=[1, 2])
+    with pytest.raises(ValueError):
+        w.append(0, np.ones((2, D)))
+
+
 @pytest.mark.parametrize("max_points_per_centroid", [256, 10])  # 10: trained on a sample of 80, all assigned
 def test_planted_part_clusters_recovered_per_class(spilled, max_points_per_centroid):
     summary = cluster_classes(spilled["spill"], spilled["out"], range(4), k=K, seed=0, use_gpu=False,
