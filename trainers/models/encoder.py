@@ -99,8 +99,9 @@ class Encoder(nn.Module):
         return max(self.cfg.strides)
 
     def normalize(self, images: Tensor) -> Tensor:
-        """uint8 [0, 255] or float [0, 1] images [B, 3, H, W] -> backbone input."""
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        """uint8 [0, 255] or float [0, 1] images [B, 3, H, W] -> backbone input (in the model's dtype)."""
+        dtype = self.pixel_mean.dtype  # follows model.to(torch.bfloat16) etc.
+        x = images.to(dtype) / 255.0 if images.dtype == torch.uint8 else images.to(dtype)
         return (x - self.pixel_mean) / self.pixel_std
 
     def forward(self, images: Tensor) -> PixelDecoderOutput:

@@ -61,7 +61,7 @@ class SetCriterion(nn.Module):
         target_classes = torch.full(pred_logits.shape[:2], self.num_classes, dtype=torch.int64, device=pred_logits.device)
         for b, (src, tgt) in enumerate(indices):
             target_classes[b, src.to(pred_logits.device)] = targets[b]["labels"][tgt].to(pred_logits.device)
-        return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, self.empty_weight)
+        return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, self.empty_weight.float())
 
     def loss_masks(
         self, pred_masks: Tensor, targets: list[dict], indices: list[tuple[Tensor, Tensor]], num_masks: float
@@ -90,6 +90,9 @@ class SetCriterion(nn.Module):
         return {"loss_ce": self.loss_labels(outputs["pred_logits"], targets, indices), "loss_mask": loss_mask, "loss_dice": loss_dice}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        labels = torch.cat([t["labels"].flatten() for t in targets])
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"target labels must lie in [0, {self.num_classes}), got {labels.unique().tolist()}")
         num_masks = _num_masks(targets, outputs["pred_logits"].device)
         predictions = [("", outputs)]
         if self.cfg.deep_supervision:

@@ -46,8 +46,8 @@ class HungarianMatcher:
     @torch.no_grad()
     def cost_matrix(self, pred_logits: Tensor, pred_masks: Tensor, labels: Tensor, masks: Tensor) -> Tensor:
         """pred_logits [N, C+1], pred_masks [N, h, w] (logits), labels [M], masks [M, H, W] -> cost [N, M]."""
-        pred_masks, masks = pred_masks.float(), masks.float()
-        cost_class = -pred_logits.float().softmax(-1)[:, labels]
+        pred_masks, masks = pred_masks.float(), masks.to(pred_masks.device, torch.float32)
+        cost_class = -pred_logits.float().softmax(-1)[:, labels.to(pred_logits.device)]
         if self.num_points > 0:  # the same uniform points for all predictions and targets
             coords = torch.rand(1, self.num_points, 2, device=pred_masks.device)
             tgt = point_sample(masks[:, None], coords.expand(masks.shape[0], -1, -1))[:, 0]

@@ -113,3 +113,14 @@ def test_state_dict_round_trip_and_seeded_init(tmp_path):
     c.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     images = torch.rand(1, 3, 64, 64)
     assert torch.allclose(a.eval()(images)["pred_masks"], c.eval()(images)["pred_masks"])
+
+
+def test_bfloat16_model_trains_on_float_images_and_cpu_targets():
+    torch.manual_seed(0)
+    model = Segmenter(tiny_config()).to(torch.bfloat16)
+    images, targets = rectangles_batch(size=64)
+    out = model(images)  # float32 images: the encoder casts to the model's dtype
+    assert out["pred_masks"].dtype == torch.bfloat16
+    losses = model.loss(out, targets)
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()

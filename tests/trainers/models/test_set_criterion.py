@@ -94,3 +94,8 @@ def test_point_sampled_losses_are_finite_and_track_mask_quality():
     bad = crit({"pred_logits": logits, "pred_masks": -good}, tgt)
     assert ok["loss_dice"] < 0.3 < 0.8 < bad["loss_dice"]  # points crowd at the boundary
     assert ok["loss_mask"] < 1.0 < 5.0 < bad["loss_mask"]
+
+
+def test_labels_outside_the_classes_are_a_clear_error():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\)"):
+        SetCriterion(1)(_outputs(c=1, aux=0), _targets())
