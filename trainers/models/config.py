@@ -67,7 +67,7 @@ class LossConfig(_Strict):
     dice_weight: float = Field(default=1.0, ge=0.0, description="Weight of the mask dice loss (and its matching cost).")
     eos_coef: float = Field(default=0.1, ge=0.0, description="CE weight of the no-object class.")
     deep_supervision: bool = Field(default=True, description="Add the same losses on every intermediate prediction.")
-    num_points: int = Field(default=0, ge=0, description="0: dense losses at image size; >0: point-sampled losses (Mask2Former).")
+    num_points: int = Field(default=0, ge=0, description="0: dense losses at image size (fine to ~256 px); >0: point-sampled (Mask2Former: 12544).")
     oversample_ratio: float = Field(default=3.0, ge=1.0, description="Importance sampling: candidate points per kept point.")
     importance_sample_ratio: float = Field(default=0.75, ge=0.0, le=1.0, description="Share of points taken where the mask is most uncertain.")
 

@@ -1,5 +1,9 @@
 """Encoder E (PartDistillation sec. 4.1): a timm backbone (``features_only``) plus the FPN pixel decoder.
 
+Mask2Former's pixel decoder is MSDeformAttn; this one is a light FPN, which trains on CPU (see
+``pixel_decoder``). The default backbone, ``convnext_atto`` (3.4M parameters, strides 4-32), trains at
+112x112 on two CPU cores; any timm name with a stride-4 level works (``resnet10t``, ``resnet50``, ...).
+
 Weights: ``pretrained=None`` (random init), ``"timm"`` (timm's own weights for the name, via the
 HF hub or its URL), an http(s) URL (``torch.hub.load_state_dict_from_url``) or a local path to a
 state_dict in timm's key format (``timm.create_model(name).state_dict()``).

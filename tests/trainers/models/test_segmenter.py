@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
-from trainers.models.config import DecoderConfig, SegmenterConfig
+from trainers.models.config import DecoderConfig, LossConfig, SegmenterConfig
 from trainers.models.segmenter import InstancePredictions, Segmenter, postprocess
 from trainers.structures import decode_mask
 from model_helpers import TINY_ENCODER, mask_iou, rectangles_batch, tiny_config
@@ -124,3 +125,18 @@ def test_bfloat16_model_trains_on_float_images_and_cpu_targets():
     losses = model.loss(out, targets)
     assert torch.isfinite(losses["loss"])
     losses["loss"].backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_with_targets_left_on_cpu():
+    torch.manual_seed(0)
+    model = Segmenter(tiny_config().model_copy(update={"loss": LossConfig(num_points=256)})).cuda()
+    images, targets = rectangles_batch(size=64)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(images.cuda())
+    losses = model.loss(out, targets)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and losses["loss"].device.type == "cuda"
+    preds = model.eval().predict(images.cuda(), top_k=3)
+    assert preds[0].masks.device.type == "cuda" and len(preds[0].to_rle()) == 3
