@@ -43,7 +43,9 @@ def worker(args) -> None:
     if args.mode == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        from trainers.engine import init_distributed
+
+        init_distributed(gpu=False)
     else:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -126,6 +126,10 @@ def init_distributed(gpu: bool) -> Dist:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+    if not gpu:
+        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU *inference* (minutes on a fresh
+        # machine, rebuilt when processes race on the cache); training never uses it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", verbose=False)
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device)
