@@ -12,6 +12,11 @@ from typing import Any, Callable
 
 STAGES: dict[str, str] = {
     "fit-objects": "trainers.stages.fit_objects:run",
+    "instance-teacher": "trainers.stages.instance_teacher:run",
+    "train-proposals": "trainers.stages.train_proposals:run",
+    "pseudo-label": "trainers.stages.pseudo_label:run",
+    "mine-parts": "trainers.stages.mine_parts:run",
+    "evaluate-proposals": "trainers.stages.evaluate_proposals:run",
 }
 
 

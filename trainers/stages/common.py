@@ -71,6 +71,20 @@ def load_model_input(spec: StageSpec, name: str, device: torch.device | None = N
     return model.to(device or stage_device(spec)).eval()
 
 
+def log_metrics(spec: StageSpec, metrics: dict[str, float], step: int = 0) -> None:
+    """Metrics to the stage's MLflow run (when the spec names one); call on rank 0 only (non-training stages)."""
+    if spec.tracking.run_id is None or not metrics:
+        return
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    MlflowClient(tracking_uri=spec.tracking.mlflow_uri).log_batch(
+        spec.tracking.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
 # -- images and targets -----------------------------------------------------------------------
 
 
@@ -82,7 +96,7 @@ def images_to_tensor(images: list[np.ndarray]) -> Tensor:
     w = max(im.shape[1] for im in images)
     out = torch.zeros(len(images), 3, h, w, dtype=torch.float32)
     for i, im in enumerate(images):
-        t = torch.from_numpy(np.ascontiguousarray(im[..., :3])).permute(2, 0, 1).float().div_(255.0)
+        t = torch.from_numpy(np.array(im[..., :3])).permute(2, 0, 1).float().div_(255.0)
         out[i, :, : t.shape[1], : t.shape[2]] = t
     return out
 
@@ -151,11 +165,14 @@ def set_loss(engine, batch) -> tuple[Tensor, dict[str, float]]:
 
 
 def iter_batches(dataset_dir: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 allow_parts: bool = False) -> Iterator[tuple[list[str], list[np.ndarray], list[dict]]]:
-    """This rank's share of a dataset as (keys, images, records) lists of up to ``batch_size``."""
+                 allow_parts: bool = False, decode: bool = True) -> Iterator[tuple[list[str], list, list[dict]]]:
+    """This rank's share of a dataset as (keys, images, records) lists of up to ``batch_size``.
+
+    Images are HxWx3 uint8 arrays, or the stored PNG/JPEG bytes with ``decode=False``.
+    """
     keys, images, records = [], [], []
     for key, image, record in shards.iter_samples(dataset_dir, rank=rank, world_size=world_size,
-                                                  allow_parts=allow_parts):
+                                                  allow_parts=allow_parts, decode=decode):
         keys.append(key)
         images.append(image)
         records.append(record)
