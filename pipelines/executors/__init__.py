@@ -58,7 +58,9 @@ def make_executor(kind: str, **kwargs: Any) -> Executor:
 
         return LocalExecutor(**kwargs)
     if kind == "kubernetes":
-        from pipelines.executors.kubernetes import KubernetesExecutor  # type: ignore[import-not-found]
-
+        try:
+            from pipelines.executors.kubernetes import KubernetesExecutor  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise ValueError("executor kind 'kubernetes' is not available in this build (use local, or render and kubectl apply)") from e
         return KubernetesExecutor(**kwargs)
     raise ValueError(f"executor kind {kind!r} does not run jobs (render writes manifests; known runners: local, kubernetes)")
