@@ -25,7 +25,7 @@ from typing import Any, Callable
 from pipelines import render
 from pipelines.config import PipelineConfig, load_config
 from pipelines.executors import Executor, StageFailed
-from pipelines.spec import StageSpec
+from pipelines.spec import SpecError, StageSpec
 
 MARKER = "stage.json"  # <workdir>/stage.json: {"fingerprint", "status", "mlflow_run_id", "model_version", "output_hash"}
 
@@ -53,16 +53,47 @@ class PipelineResult:
     mlflow_run_id: str
     stages: list[StageOutcome]
 
+    @property
+    def summary(self) -> str:
+        """One line per stage: status, model version, output dataset version."""
+        lines = [f"pipeline run {self.run} (MLflow run {self.mlflow_run_id})"]
+        for s in self.stages:
+            extra = [f"model version {s.model_version}"] if s.model_version else []
+            extra += [f"dataset {s.output_hash}"] if s.output_hash else []
+            extra += [f"{d.alias}: {'promoted' if d.promoted else 'kept'} ({d.reason})" for d in s.decisions]
+            lines.append(f"  {s.name}: {s.status}" + (f" - {'; '.join(extra)}" if extra else ""))
+        return "\n".join(lines)
+
 
 def run_pipeline(config_path: str | Path, run: str | None = None, *, executor: Executor | None = None,
-                 echo: Callable[[str], None] | None = None) -> PipelineResult | list[Path]:
-    """Load a config and run its stages (or, with ``executor.kind: render``, write their manifests)."""
+                 executor_kind: str | None = None, echo: Callable[[str], None] | None = None) -> PipelineResult | list[Path]:
+    """Load a config and run its stages (or, with executor kind ``render``, write their manifests).
+
+    ``executor_kind`` overrides the config's ``executor.kind``; re-using a ``run`` name resumes that run.
+    """
     cfg = load_config(config_path)
+    if executor_kind is not None:
+        try:
+            cfg.executor.kind = executor_kind
+        except ValueError as e:
+            raise SpecError(f"--executor {executor_kind!r}: expected local, kubernetes or render") from e
     run = run or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     specs = cfg.stage_specs(run)
     if cfg.executor.kind == "render" and executor is None:
         return render.write_manifests(specs, cfg.manifests_dir(), cfg.executor.kubernetes, run=run, path_map=path_map(cfg))
     return run_stages(cfg, specs, run, executor=executor, echo=echo, config_text=Path(config_path).read_text())
+
+
+def run_pipeline_cli(config_path: str | Path, run: str | None, executor_kind: str | None,
+                     echo: Callable[[str], None] | None = None) -> PipelineResult | list[Path]:
+    """``selftrain run``: :func:`run_pipeline` (a failed stage raises PipelineError naming it, its exit codes and log tail)."""
+    return run_pipeline(config_path, run, executor_kind=executor_kind, echo=echo)
+
+
+def render_pipeline(config_path: str | Path, out_dir: str | Path, run: str = "demo") -> list[Path]:
+    """``selftrain render``: the pipeline's stages as numbered PyTorchJob manifests in ``out_dir``."""
+    cfg = load_config(config_path)
+    return render.write_manifests(cfg.stage_specs(run), out_dir, cfg.executor.kubernetes, run=run, path_map=path_map(cfg))
 
 
 def path_map(cfg: PipelineConfig) -> dict[str, str]:

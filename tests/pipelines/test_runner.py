@@ -132,3 +132,11 @@ def test_pipeline_runs_against_a_real_mlflow_server(tmp_path, mlflow_server):
     assert child.data.params["dataset.mined.dvc_hash"] == res.stages[0].output_hash
     path = resolve_model("models:/parts/1", mlflow_server, dst=tmp_path / "dl")
     assert json.loads(path.read_text())["k"] == 4
+
+
+def test_run_pipeline_from_a_config_file_reports_a_summary(tmp_path):
+    cfg_file = tmp_path / "pipeline.yaml"
+    cfg_file.write_text("stages:\n  - {stage: produce, output_model: parts, output_dataset: mined}\n")
+    res = run_pipeline(cfg_file, run="r1", executor=_executor(tmp_path), echo=lambda s: None)
+    assert (tmp_path / ".selftrain" / "mlflow" / "mlflow.db").exists()  # the embedded default store
+    assert "produce: succeeded - model version 1; dataset " in res.summary

@@ -104,8 +104,8 @@ def _rank_process(workdir: str, rank: str) -> psutil.Process | None:
 
 
 def test_a_killed_rank_restarts_the_group_which_resumes_from_its_checkpoint(tmp_path, partworld):
-    steps = 80
-    cfg = _config(tmp_path, partworld, replicas=2, nproc=1, steps=steps, checkpoint_every=5, backoff_limit=1)
+    steps = 20
+    cfg = _config(tmp_path, partworld, replicas=2, nproc=1, steps=steps, checkpoint_every=4, backoff_limit=1)
     (spec,) = cfg.stage_specs("r1")
     latest = Path(spec.outputs.workdir) / "checkpoints" / "latest"
     box: dict = {}
