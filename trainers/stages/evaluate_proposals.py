@@ -1,0 +1,179 @@
+"""Stage ``evaluate-proposals``: class-agnostic part AR@k against held-out part masks (PartDistillation sec. 5.1).
+
+Ground truth: ``datasets["eval"]`` (an evaluation split with ``parts``). The proposals come from exactly one of:
+
+- ``datasets["proposals"]``: a dataset whose records carry ``proposals`` (e.g. ``mine-parts`` run on the eval
+  images with ``allow_parts: true``), matched to the eval records by key (a missing key: no proposals);
+- ``models["parts"]`` (or ``models["candidate"]``, the runner's evaluation convention): a part model run on the
+  eval images, its top ``top_k`` (200) masks by score;
+- ``params.baseline: "strips"``: every instance cut into ``k`` equal-area strips along its major axis
+  (``trainers.evaluation.strip_proposals``), instances from ``params.objects``: ``"gt"`` (the records' objects)
+  or ``"detected"`` (``models["teacher"]``'s detections with score > ``score_threshold``), as in ``mine-parts``.
+  Strip score: the strip's share of the image (``strip_record``).
+
+Params (defaults): ``baseline`` null, ``k`` 4, ``objects`` "gt", ``score_threshold`` 0.5, ``max_detections`` 20,
+``top_k`` 200, ``clip_to_objects`` false (intersect every proposal with the union of the GT objects),
+``batch_size`` 8, ``coco`` true (also run pycocotools COCOeval, useCats=0; gathers every mask on rank 0).
+
+Metrics. MLflow metric names may not contain ``@``, so ``AR@k`` is written ``AR_k``:
+``eval/AR_1``, ``eval/AR_10``, ``eval/AR_50``, ``eval/AR_100``, ``eval/AR_200`` (mean recall over IoU
+0.50:0.05:0.95, greedy max-overlap matching: ``PartProposalRecall``), ``eval/R50_<k>`` (recall at IoU 0.5),
+``eval/coco_AR_1``, ``eval/coco_AR_10``, ``eval/coco_AR_100``, ``eval/coco_AP``, ``eval/coco_AP50``
+(``coco_proposal_ar``), ``eval/num_parts``, ``eval/num_images``, ``eval/proposals_per_image``,
+``eval/images_without_proposals``. The promotion metric of part-proposal models is ``eval/AR_10``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from pipelines.spec import StageSpec
+from trainers.data import shards
+from trainers.engine import MetricLogger, init_distributed
+from trainers.evaluation import PartProposalRecall, coco_proposal_ar, strip_proposals, strip_record
+from trainers.stages import StageResult
+from trainers.stages.common import dataset_input, images_to_tensor, iter_batches, load_model_input, stage_device
+from trainers.structures import encode_mask, encode_masks
+
+MAX_DETS = (1, 10, 50, 100, 200)
+COCO_MAX_DETS = (1, 10, 100)
+
+
+def metric_key(name: str) -> str:
+    """An evaluator key as an MLflow metric name: ``AR@10`` -> ``eval/AR_10``, ``coco/AR@10`` -> ``eval/coco_AR_10``."""
+    return "eval/" + name.replace("@", "_").replace("/", "_")
+
+
+def stored_proposals(path: str, keys: set[str]) -> dict[str, list[dict]]:
+    """``proposals`` of the records of ``keys`` in a proposals dataset (images are not decoded)."""
+    out = {}
+    for key, _, record in shards.iter_samples(path, decode=False, allow_parts=True):
+        if key in keys:
+            out[key] = record.get("proposals", [])
+    return out
+
+
+def strip_proposals_of_masks(masks, height: int, width: int, k: int) -> list[dict]:
+    """Strips of detected instance masks, scored like ``strip_record`` (share of the image)."""
+    out = []
+    for m in masks:
+        for strip in strip_proposals(m, k):
+            area = int(strip.sum())
+            out.append({"object_id": None, "segmentation": encode_mask(strip), "score": area / float(height * width),
+                        "area": area})
+    return out
+
+
+def source_of(spec: StageSpec) -> str:
+    """Which proposals the spec evaluates: ``proposals`` | ``model`` | ``strips`` (exactly one must be given)."""
+    found = []
+    if "proposals" in spec.inputs.datasets:
+        found.append("proposals")
+    if "parts" in spec.inputs.models or "candidate" in spec.inputs.models:
+        found.append("model")
+    baseline = spec.params.get("baseline")
+    if baseline is not None:
+        if baseline != "strips":
+            raise ValueError(f"params.baseline must be 'strips' (or absent), got {baseline!r}")
+        found.append("strips")
+    if len(found) != 1:
+        raise ValueError("evaluate-proposals needs exactly one source of proposals: inputs.datasets.proposals, "
+                         f"inputs.models.parts (or candidate), or params.baseline: strips; got {found or 'none'}")
+    return found[0]
+
+
+def run(spec: StageSpec) -> StageResult | None:
+    """AR@k of this rank's share of the eval records; counts summed on rank 0 (COCOeval over all masks there)."""
+    p = spec.params
+    source = source_of(spec)
+    k, objects = int(p.get("k", 4)), p.get("objects", "gt")
+    if objects not in ("gt", "detected"):
+        raise ValueError(f"params.objects must be 'gt' or 'detected', got {objects!r}")
+    score_threshold, max_detections = float(p.get("score_threshold", 0.5)), int(p.get("max_detections", 20))
+    top_k, batch_size = int(p.get("top_k", 200)), int(p.get("batch_size", 8))
+    clip, use_coco = bool(p.get("clip_to_objects", False)), bool(p.get("coco", True))
+
+    device = stage_device(spec)
+    d = init_distributed(device.type == "cuda")
+    eval_path = dataset_input(spec, "eval")
+    model = None
+    if source == "model":
+        model = load_model_input(spec, "parts" if "parts" in spec.inputs.models else "candidate", device)
+    elif source == "strips" and objects == "detected":
+        model = load_model_input(spec, "teacher", device)
+    stored = None
+    if source == "proposals":
+        keys = {key for key, _, _ in shards.iter_samples(eval_path, rank=d.rank, world_size=d.world_size,
+                                                         decode=False, allow_parts=True)}
+        stored = stored_proposals(dataset_input(spec, "proposals"), keys)
+
+    recall = PartProposalRecall(max_dets=MAX_DETS, clip_to_objects=clip)
+    gathered: list[tuple[dict, list[dict]]] = []  # (GT parts record, proposals) for COCOeval
+    counts = torch.zeros(3, dtype=torch.float64)  # images, proposals, images without proposals
+    total = shards.num_samples_for(eval_path, rank=d.rank, world_size=d.world_size)
+    logger = MetricLogger(spec, d.is_main, total=total, initial=0)
+    try:
+        for keys, images, records in iter_batches(eval_path, batch_size, rank=d.rank, world_size=d.world_size,
+                                                  allow_parts=True):
+            preds = predict(source, model, keys, images, records, stored, k=k, objects=objects,
+                            score_threshold=score_threshold, max_detections=max_detections, top_k=top_k,
+                            device=device)
+            for record, props in zip(records, preds):
+                recall.process(record, props)
+                counts += torch.tensor([1.0, len(props), float(not props)], dtype=torch.float64)
+                if use_coco:
+                    lite = {k_: record[k_] for k_ in ("height", "width", "objects", "parts") if k_ in record}
+                    gathered.append((lite, [{"segmentation": q["segmentation"], "score": q.get("score", 1.0)}
+                                            for q in props]))
+            logger.advance(len(keys))
+
+        hits = torch.from_numpy(recall.hits).to(torch.float64)
+        nparts = torch.tensor([float(recall.num_parts)], dtype=torch.float64)
+        for t in (hits, nparts, counts):
+            dist.all_reduce(t)
+        everything = [None] * d.world_size if d.is_main else None
+        if use_coco:
+            dist.gather_object(gathered, everything, dst=0)
+        if not d.is_main:
+            return None
+        recall.hits = hits.round().to(torch.int64).numpy()
+        recall.num_parts = int(nparts.item())
+        metrics = {metric_key(name): v for name, v in recall.evaluate().items()}
+        if use_coco:
+            pairs = [pair for part in everything for pair in part]
+            coco = coco_proposal_ar([g for g, _ in pairs], [q for _, q in pairs], max_dets=COCO_MAX_DETS,
+                                    clip_to_objects=clip)
+            metrics.update({metric_key(name): v for name, v in coco.items()})
+        n_images = float(counts[0])
+        metrics["eval/num_images"] = n_images
+        metrics["eval/proposals_per_image"] = float(counts[1]) / max(n_images, 1.0)
+        metrics["eval/images_without_proposals"] = float(counts[2])
+        logger.log(0, metrics)
+    finally:
+        logger.close()
+    return StageResult(metrics=metrics)
+
+
+@torch.no_grad()
+def predict(source: str, model, keys, images, records, stored, *, k: int, objects: str, score_threshold: float,
+            max_detections: int, top_k: int, device: torch.device) -> list[list[dict]]:
+    """The proposals (``{"segmentation", "score", ...}``) of one batch of eval images, by source."""
+    if source == "proposals":
+        return [stored.get(key, []) for key in keys]
+    if source == "strips" and objects == "gt":
+        return [strip_record(record, k) for record in records]
+    out: list[list[dict]] = [[] for _ in keys]
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):  # eval images may differ in size: one forward per size, never padded
+        by_size.setdefault(image.shape[:2], []).append(i)
+    for (h, w), idx in by_size.items():
+        x = images_to_tensor([images[i] for i in idx]).to(device)
+        preds = model.predict(x, top_k=top_k if source == "model" else max_detections)
+        for i, pred in zip(idx, preds):
+            if source == "model":
+                rles = encode_masks(pred.masks.cpu().numpy())
+                out[i] = [{"segmentation": r, "score": float(s)} for r, s in zip(rles, pred.scores.tolist())]
+            else:  # strips of detected instances
+                keep = pred.scores > score_threshold
+                out[i] = strip_proposals_of_masks(pred.masks[keep].cpu().numpy(), h, w, k)
+    return out
