@@ -28,6 +28,12 @@ tmp.write_text(json.dumps(rec))
 tmp.replace(out / f"{attempt}-{rank}.json")
 print(f"rank {rank} attempt {attempt} up", flush=True)
 
+if os.environ.get("WRITE_RESULT") and rank == 0:  # the trainer's own record of its starts in its workdir
+    workdir = Path(json.loads(os.environ["SELFTRAIN_SPEC"])["outputs"]["workdir"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "starts.txt", "a") as f:
+        f.write(f"attempt {attempt}\n")
+
 fail = os.environ.get("FAIL_NODE")
 if fail and attempt <= int(os.environ.get("FAIL_ATTEMPTS", "1000")):
     node, code = (int(x) for x in fail.split(":"))
@@ -44,9 +50,6 @@ if os.environ.get("WRITE_RESULT") and rank == 0:
         print("evaluation failed on purpose", flush=True)
         sys.exit(1)
     workdir = Path(spec["outputs"]["workdir"])
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "starts.txt", "a") as f:
-        f.write("started\n")
     (workdir / "model.pt").write_bytes(json.dumps(spec["params"]).encode())
     if spec["outputs"]["dataset"]:
         d = Path(spec["outputs"]["dataset"])

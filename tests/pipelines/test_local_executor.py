@@ -113,3 +113,12 @@ def test_a_manifest_file_runs_unchanged(tmp_path):
 def test_kubelet_variable_expansion():
     env = {"A": "1", "B": "x"}
     assert expand("$(A)-$(B)-$(C)-$$(A)", env) == "1-x-$(C)-$(A)"
+
+
+def test_active_deadline_fails_a_stage_that_runs_too_long(tmp_path):
+    job, out, _ = _job(tmp_path, replicas=1, nproc=1, backoff_limit=3, SLEEP=120)
+    job["spec"]["runPolicy"]["activeDeadlineSeconds"] = 2
+    ex, _ = _executor()
+    with pytest.raises(StageFailed, match=r"after 1 attempt\(s\): activeDeadlineSeconds=2 passed"):
+        ex.run(job)
+    assert not _alive(_records(out)["1-0"]["pid"])

@@ -140,3 +140,15 @@ def test_run_pipeline_from_a_config_file_reports_a_summary(tmp_path):
     res = run_pipeline(cfg_file, run="r1", executor=_executor(tmp_path), echo=lambda s: None)
     assert (tmp_path / ".selftrain" / "mlflow" / "mlflow.db").exists()  # the embedded default store
     assert "produce: succeeded - model version 1; dataset " in res.summary
+
+
+def test_an_interrupted_stage_runs_again_in_its_own_workdir(tmp_path):
+    cfg = _config(tmp_path, stages=[STAGES[0]])
+    failing_once = ProgramExecutor({"OUT": str(tmp_path / "out"), "WRITE_RESULT": "1", "FAIL_NODE": "0:1", "FAIL_ATTEMPTS": "1"})
+    with pytest.raises(PipelineError):
+        run_stages(cfg, cfg.stage_specs("r1"), "r1", executor=failing_once, echo=lambda s: None)
+    res = run_stages(cfg, cfg.stage_specs("r1"), "r1", executor=failing_once, echo=lambda s: None)
+    assert res.stages[0].status == "succeeded"
+    # same inputs and params: the workdir (and the trainer's checkpoints in it) is kept for the restart
+    assert (cfg.run_dir("r1") / "produce" / "starts.txt").read_text().splitlines() == ["attempt 1", "attempt 2"]
+    assert not list(cfg.run_dir("r1").glob("produce.replaced-*"))
