@@ -142,15 +142,14 @@ def _solve(x: Tensor, valid: Tensor, k: int, iters: int, metric: str, seed: int,
     """``batched_kmeans`` on one chunk of problems (float32, on its device)."""
     device = x.device
     b, n, _ = x.shape
-    x = torch.where(valid.unsqueeze(2), x, torch.zeros_like(x))
+    x = x.masked_fill(~valid.unsqueeze(2), 0.0)
     zero = torch.zeros_like(valid)
     if metric == "cosine":
-        norm = x.norm(dim=2, keepdim=True)
-        zero = valid & (norm.squeeze(2) < ZERO_NORM)
-        x = x / norm.clamp(min=ZERO_NORM)
-        x = torch.where(zero.unsqueeze(2), torch.zeros_like(x), x)
+        norm = torch.linalg.vector_norm(x, dim=2)
+        zero = valid & (norm < ZERO_NORM)
+        x.mul_(torch.where(zero | ~valid, 0.0, 1.0 / norm.clamp(min=ZERO_NORM)).unsqueeze(2))
     fit = valid & ~zero  # points that shape the centroids
-    sqn = (x * x).sum(2)
+    sqn = torch.linalg.vector_norm(x, dim=2).square_()
 
     cent, nclus = _init(x, sqn, fit, k, init, seed)
     slots = torch.arange(k, device=device)
@@ -167,7 +166,7 @@ def _solve(x: Tensor, valid: Tensor, k: int, iters: int, metric: str, seed: int,
         if bool(stable.all()):
             break
         prev = idx
-        onehot = torch.nn.functional.one_hot(idx.clamp(min=0), k).to(x.dtype) * fitf.unsqueeze(2)  # [B, N, k]
+        onehot = x.new_zeros((b, n, k)).scatter_(2, idx.clamp(min=0).unsqueeze(2), fitf.unsqueeze(2))  # [B, N, k]
         counts = onehot.sum(1)  # [B, k]
         sums = torch.bmm(onehot.transpose(1, 2), x)  # [B, k, D]
         new = sums / counts.clamp(min=1).unsqueeze(2)
