@@ -79,10 +79,7 @@ class KubernetesConfig(_Strict):
     shm_size: str | None = Field(default=None, description="Size of a memory-backed /dev/shm emptyDir (e.g. 8Gi); none by default.")
     restart_policy: Literal["OnFailure", "ExitCode", "Never"] = Field(
         default="OnFailure",
-        description=(
-            "Replica restart policy. OnFailure (default): a failed rank makes the others' collectives fail too, so the whole group "
-            "restarts and resumes from its checkpoint. ExitCode retries only exit codes 128-255, and torchrun exits 1 when one of its ranks dies."
-        ),
+        description="Replica restart policy. OnFailure: a failed rank makes the others' collectives fail too, so the whole group restarts and resumes from its checkpoint.",
     )
     backoff_limit: int = Field(default=3, ge=0, description="Restarts of the group before the stage fails (runPolicy.backoffLimit).")
     clean_pod_policy: Literal["None", "Running", "All"] = Field(default="None", description="Pods deleted when the job ends (runPolicy.cleanPodPolicy); None keeps logs.")
