@@ -284,7 +284,7 @@ def cluster_classes(
                     same = str(done["params"]) == params
                     info = {"num_candidates": int(done["num_candidates"]), "num_nan": int(done["num_nan"]),
                             "num_zero": int(done["num_zero"]), "k": int(len(done["counts"]))}
-            except (OSError, KeyError, ValueError):
+            except Exception:  # unreadable or from an older layout: recompute
                 same = False
             if same:
                 summary["classes"][cid] = {"status": "skipped", **info, "seconds": 0.0, "write_seconds": 0.0}

@@ -128,6 +128,8 @@ def test_resume_recomputes_only_missing_classes(spilled):
     assert np.array_equal(load_class_clusters(spilled["out"], 2)["assign"], before["assign"])  # same seed, same answer
     changed = cluster_classes(spilled["spill"], spilled["out"], [0], k=4, use_gpu=False)  # other params: not a resume
     assert changed["computed"] == [0] and changed["classes"][0]["k"] == 4
+    (spilled["out"] / "class-1.npz").write_bytes(b"not a zip")  # unreadable output: recomputed, not an error
+    assert cluster_classes(spilled["spill"], spilled["out"], [1], k=K, use_gpu=False)["computed"] == [1]
 
 
 def test_two_ranks_cover_every_class_exactly_once(spilled):
