@@ -21,6 +21,11 @@ OPERATOR_PROBE_PORT="${SELFTRAIN_CLUSTER_OPERATOR_PROBE_PORT:-18081}"
 OPERATOR_WEBHOOK_PORT="${SELFTRAIN_CLUSTER_OPERATOR_WEBHOOK_PORT:-19443}"
 KWOK_PORT="${SELFTRAIN_CLUSTER_KWOK_PORT:-11247}"
 
+# The operator's validating webhook is routed to this host IP (EndpointSlices may not
+# point at 127.0.0.0/8). "auto": first non-loopback IPv4 of this host; "none": no routing
+# (the webhook is then registered with failurePolicy Ignore and never called).
+WEBHOOK_IP="${SELFTRAIN_CLUSTER_WEBHOOK_IP:-auto}"
+
 KUBEFLOW_NAMESPACE="${KUBEFLOW_NAMESPACE:-kubeflow}"
 NODE_COUNT="${SELFTRAIN_CLUSTER_NODES:-3}"
 
