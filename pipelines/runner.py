@@ -9,9 +9,10 @@ resumes from a checkpoint of other inputs or params.
 Model inputs may name ``stage:<stage name>``: the model version an earlier stage of the same run
 registered (e.g. ``evaluate`` reading ``candidate: stage:r1-train-proposals``).
 
-Evaluation convention: a stage whose trainer is ``evaluate`` and that reads a registered model as
-``inputs.models["candidate"]`` records its metrics on that model version and applies the
-promotion rule (``teacher``, ``champion``); a failed evaluation is recorded too (the aliases stay).
+Evaluation convention: a stage that reads a registered model as ``inputs.models["candidate"]`` is
+that model's evaluation: its result metrics are recorded on the model version and the promotion
+rule (``teacher``, ``champion``; ``promotion.metric`` is a key of those metrics) is applied; a
+failed evaluation is recorded too (the aliases stay).
 """
 from __future__ import annotations
 
@@ -218,7 +219,7 @@ def version_dataset(path: str) -> str:
 
 def _after_evaluate(cfg: PipelineConfig, spec: StageSpec, lineage: Any, run_id: str, result: dict[str, Any] | None) -> list[Any]:
     cand = spec.inputs.models.get("candidate")
-    if spec.stage != "evaluate" or cand is None or not cand.uri.startswith("models:/"):
+    if cand is None or not cand.uri.startswith("models:/"):
         return []
     name, version = lineage.model_version(cand.uri)
     ok = result is not None and result.get("status") == "succeeded"
