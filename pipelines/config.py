@@ -256,6 +256,8 @@ def load_config(path: str | Path, model: type[PipelineConfig] | None = None) -> 
     ``pipeline`` key (an unknown pipeline is an error naming the known ones).
     """
     path = Path(path)
+    import pipelines.partdistillation  # noqa: F401  (registers the built-in pipelines in PIPELINES)
+
     if model is None:
         try:
             raw = yaml.safe_load(path.read_text()) or {}
