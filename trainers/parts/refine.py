@@ -26,7 +26,7 @@ def refine_labels(image: Tensor, ys: Tensor, xs: Tensor, labels: Tensor, k: int,
         return labels
     y0, x0 = int(ys.min()), int(xs.min())
     h, w = int(ys.max()) - y0 + 1, int(xs.max()) - x0 + 1
-    img = image[:, y0:y0 + h, x0:x0 + w].float()
+    img = image[:, y0:y0 + h, x0:x0 + w].float().contiguous()
     if image.dtype == torch.uint8:
         img = img / 255.0
     inside = torch.zeros(h, w, dtype=torch.bool, device=labels.device)
@@ -42,7 +42,7 @@ def refine_labels(image: Tensor, ys: Tensor, xs: Tensor, labels: Tensor, k: int,
     spatial = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma_xy ** 2)).flatten()  # [W*W]
     spatial[(window * window) // 2] = 0.0  # no message to itself
     cols = F.unfold(img[None], window, padding=pad).view(3, window * window, h * w)  # neighbours' colours
-    centre = img.view(3, 1, h * w)
+    centre = img.reshape(3, 1, h * w)
     colour = torch.exp(-((cols - centre) ** 2).sum(0) / (2 * sigma_rgb ** 2))  # [W*W, h*w]
     nb_inside = F.unfold(inside[None, None].float(), window, padding=pad).view(window * window, h * w)
     affinity = spatial[:, None] * colour * nb_inside  # [W*W, h*w]
