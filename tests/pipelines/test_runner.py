@@ -124,13 +124,14 @@ def test_render_executor_writes_numbered_manifests(tmp_path):
 
 
 def test_pipeline_runs_against_a_real_mlflow_server(tmp_path, mlflow_server):
-    cfg = _config(tmp_path, tracking={"uri": mlflow_server, "experiment": "runner"})
+    stages = [dict(STAGES[0], output_model="runner-parts"), STAGES[1]]  # the server's registry is shared by the session
+    cfg = _config(tmp_path, stages=stages, tracking={"uri": mlflow_server, "experiment": "runner"})
     res = run_stages(cfg, cfg.stage_specs("r1"), "r1", executor=_executor(tmp_path), echo=lambda s: None)
     client = Lineage(mlflow_server, "runner").client
     child = client.get_run(res.stages[1].mlflow_run_id)
     assert child.data.tags["mlflow.parentRunId"] == res.mlflow_run_id
     assert child.data.params["dataset.mined.dvc_hash"] == res.stages[0].output_hash
-    path = resolve_model("models:/parts/1", mlflow_server, dst=tmp_path / "dl")
+    path = resolve_model("models:/runner-parts/1", mlflow_server, dst=tmp_path / "dl")
     assert json.loads(path.read_text())["k"] == 4
 
 
