@@ -278,15 +278,24 @@ def resolve_model(uri: str, tracking_uri: str | None = None, dst: str | Path | N
     return local
 
 
+def metric_keys(metric: str) -> list[str]:
+    """Keys that name ``metric`` in a stage's metrics: as given, under ``eval/``, with ``@`` written ``_`` (MLflow names)."""
+    keys = [metric, f"eval/{metric}"]
+    keys += [k.replace("@", "_") for k in keys]
+    return list(dict.fromkeys(keys))
+
+
 def _evaluated(tags: dict[str, str], metric: str) -> float | None:
     """The metric of a version whose evaluation succeeded, else None."""
     if tags.get("evaluation.status") != "succeeded":
         return None
-    try:
-        v = float(tags[f"evaluation.{metric}"])
-    except (KeyError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+    for key in metric_keys(metric):
+        try:
+            v = float(tags[f"evaluation.{key}"])
+        except (KeyError, ValueError):
+            continue
+        return v if math.isfinite(v) else None
+    return None
 
 
 def _is_number(v: Any) -> bool:

@@ -240,6 +240,7 @@ def write_manifests(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    specs = pin_stage_models(specs)
     paths = []
     for i, spec in enumerate(specs):
         doc = render_stage(spec, k8s, run=run, depends_on=[s.name for s in specs[:i]], path_map=path_map)
@@ -249,6 +250,26 @@ def write_manifests(
         tmp.replace(p)
         paths.append(p)
     return paths
+
+
+def pin_stage_models(specs: list[StageSpec]) -> list[StageSpec]:
+    """Model inputs ``stage:<name>`` -> the ``model.pt`` that stage writes in its workdir.
+
+    Running, the runner resolves them to registered versions; manifests applied with kubectl have
+    no runner, so each stage reads the earlier stage's weights from the shared workdir instead.
+    """
+    workdirs = {s.name: s.outputs.workdir for s in specs}
+    out = []
+    for s in specs:
+        refs = {k: m.uri[len("stage:"):] for k, m in s.inputs.models.items() if m.uri.startswith("stage:")}
+        if refs:
+            s = s.model_copy(deep=True)
+            for k, name in refs.items():
+                if name not in workdirs:
+                    raise ValueError(f"stage {s.name}: input model {k!r} names stage {name!r}, which is not in this pipeline")
+                s.inputs.models[k].uri = str(Path(workdirs[name]) / "model.pt")
+        out.append(s)
+    return out
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:

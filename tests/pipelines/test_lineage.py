@@ -121,3 +121,13 @@ def test_promotion_and_download_against_a_real_mlflow_server(mlflow_server, tmp_
     assert lin.client.get_model_version("parts", v3).source.startswith("mlflow-artifacts:")
     path = resolve_model("models:/parts@teacher", mlflow_server, dst=tmp_path / "dl")
     assert path.read_bytes() == b"weights 0.4"
+
+
+def test_the_promotion_metric_may_be_named_as_the_evaluator_names_it(lineage, tmp_path):
+    run_id = lineage.client.create_run(lineage.experiment_id).info.run_id
+    f = tmp_path / "m.pt"
+    f.write_bytes(b"w")
+    v = str(lineage.register_model(run_id, "props", f).version)
+    lineage.record_evaluation("props", v, {"eval/AR_10": 0.4}, True)  # MLflow metric names have no "@"
+    (teacher, _) = lineage.promote("props", v, PromotionPolicy(metric="AR@10"))
+    assert teacher.promoted and teacher.candidate_value == 0.4

@@ -181,3 +181,11 @@ def test_rendered_job_matches_the_training_operator_crd(tmp_path):
     broken = json.loads(json.dumps(job))
     broken["spec"]["runPolicy"]["backofLimit"] = 1
     assert _check(broken, schema) == [".spec.runPolicy.backofLimit: unknown field (pruned by the API server)"]
+
+
+def test_manifests_read_earlier_stages_models_from_their_workdirs(tmp_path):
+    cfg = make_config(tmp_path, stages=[{"stage": "train", "output_model": "m"}, {"stage": "eval", "models": {"candidate": "stage:train"}}])
+    specs = cfg.stage_specs("r1")
+    paths = render.write_manifests(specs, tmp_path / "manifests", run="r1")
+    pinned = render.spec_of(render.load_manifest(paths[1])).inputs.models["candidate"].uri
+    assert pinned == str(Path(specs[0].outputs.workdir) / "model.pt")
