@@ -6,7 +6,11 @@ this rank's shards -> periodic atomic checkpoints -> plain ``state_dict`` export
 Rank 0 alone draws the progress bar and logs per-step metrics to the stage's MLflow run.
 
 A *step* is one optimizer step: ``gradient_accumulation_steps`` micro-batches of
-``train_micro_batch_size_per_gpu`` samples on every rank.
+``train_micro_batch_size_per_gpu`` samples on every rank. Ranks agree on the steps of an epoch:
+the smallest per-rank sample count, floored to whole steps; a rank's samples beyond that are
+left out of the epoch (which rank holds them rotates with the epoch, see :class:`ShardStream`).
+Within an epoch the order is the shard reader's fixed order, so a resumed run skips exactly
+the samples each rank (and DataLoader worker) had consumed at its checkpoint.
 """
 from __future__ import annotations
 
@@ -18,10 +22,11 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -166,15 +171,19 @@ def rank_sample_count(path: str, *, rank: int, world_size: int, num_workers: int
 
 
 class ShardStream(IterableDataset):
-    """This rank's samples (split further across DataLoader workers), each tagged with its worker id.
+    """This rank's samples in ``epoch`` (split further across DataLoader workers), each tagged with its worker id.
+
+    Ranks read as consumer ``(rank + epoch) % world_size``: when shards do not divide evenly,
+    the ranks holding the extra samples (left out of the epoch, see :func:`fit`) change every epoch.
 
     The first ``skip[w]`` samples of worker w's stream are passed over undecoded: that is how a resumed
     run continues at the exact data position it checkpointed.
     """
 
-    def __init__(self, path: str, rank: int, world_size: int, num_workers: int, skip: list[int],
+    def __init__(self, path: str, rank: int, world_size: int, epoch: int, num_workers: int, skip: list[int],
                  transform: Callable[[Sample], Any]):
-        self.path, self.rank, self.world_size = path, rank, world_size
+        self.path, self.world_size = path, world_size
+        self.rank = (rank + epoch) % world_size
         self.num_workers = max(1, num_workers)
         self.skip = list(skip) if skip else [0] * self.num_workers
         self.transform = transform
@@ -190,13 +199,16 @@ class ShardStream(IterableDataset):
             yield worker, self.transform((key, shards.decode_image(image, key=key), record))
 
 
-def _collate_with_worker(collate: Callable[[list], Any]):
-    def fn(items):
+class _CollateWithWorker:
+    """Batch (worker, sample) pairs into (worker, batch size, batch); picklable for spawned workers."""
+
+    def __init__(self, collate: Callable[[list], Any]):
+        self.collate = collate
+
+    def __call__(self, items):
         workers = {w for w, _ in items}
         assert len(workers) == 1, "a batch must come from one worker"
-        return workers.pop(), len(items), collate([x for _, x in items])
-
-    return fn
+        return workers.pop(), len(items), self.collate([x for _, x in items])
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -212,6 +224,7 @@ class MetricLogger:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, initial=initial, desc=spec.name, unit="step", dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 30.0,
                         disable=os.environ.get("SELFTRAIN_PROGRESS", "1") == "0")
         if self.run_id is not None:
             from mlflow.tracking import MlflowClient
@@ -339,9 +352,9 @@ def fit(spec: StageSpec, *, build_model: Callable[[], torch.nn.Module], loss_fn:
     engine.train()
     try:
         while step < cfg.steps:
-            stream = ShardStream(data_path, d.rank, d.world_size, num_workers, consumed, transform)
+            stream = ShardStream(data_path, d.rank, d.world_size, epoch, num_workers, consumed, transform)
             loader = DataLoader(stream, batch_size=micro, num_workers=num_workers,
-                                collate_fn=_collate_with_worker(collate), persistent_workers=False)
+                                collate_fn=_CollateWithWorker(collate), persistent_workers=False)
             batches = iter(loader)
             while step < cfg.steps and epoch_step < steps_per_epoch:
                 t0 = time.perf_counter()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipelines.spec import StageSpec
-from trainers.engine import TrainConfig, deepspeed_config, lr_lambda
+from trainers.engine import ShardStream, TrainConfig, deepspeed_config, lr_lambda
 from trainers.stages.fit_objects import ObjectSegNet
 
 from runtime_helpers import REPO, make_spec, run_stage, torchrun_cmd
@@ -57,6 +57,21 @@ def test_lr_schedule_warms_up_then_decays_to_min_ratio():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
     assert f(55) < f(20)
+
+
+def _keys(path, rank, epoch=0, skip=None):
+    return [key for _, key in ShardStream(str(path), rank, 2, epoch, 0, skip, transform=lambda s: s[0])]
+
+
+def test_shard_stream_resumes_after_the_consumed_samples(tiny_partworld):
+    full = _keys(tiny_partworld["train"], rank=0)
+    assert _keys(tiny_partworld["train"], rank=0, skip=[5]) == full[5:]
+
+
+def test_ranks_trade_shares_every_epoch_and_cover_the_dataset(tiny_partworld):
+    epoch0 = [_keys(tiny_partworld["train"], r) for r in (0, 1)]
+    assert _keys(tiny_partworld["train"], 0, epoch=1) == epoch0[1]
+    assert sorted(epoch0[0] + epoch0[1]) == sorted(set(epoch0[0]) | set(epoch0[1])) and len(epoch0[0] + epoch0[1]) == 64
 
 
 # -- multi-rank runs (slow) ---------------------------------------------------------------------
