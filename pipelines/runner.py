@@ -147,10 +147,13 @@ def run_stage(cfg: PipelineConfig, spec: StageSpec, run: str, parent_run_id: str
         echo(f"[{spec.name}] skipped: outputs exist for the same inputs and params ({fp[:12]})")
         lineage.client.set_tag(parent_run_id, f"stage.{spec.name}.status", "skipped")
         return StageOutcome(spec.name, "skipped", fp, workdir, marker.get("mlflow_run_id"), marker.get("model_version"), marker.get("output_hash"), result)
-    if marker and marker.get("fingerprint") != fp:  # other inputs or params: never resume from those checkpoints
-        aside = workdir.with_name(f"{workdir.name}.replaced-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(str(workdir), aside)
-        echo(f"[{spec.name}] inputs or params changed: previous workdir moved to {aside}")
+    if marker and marker.get("fingerprint") != fp:  # other inputs or params: never resume from those checkpoints or shards
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        for old in [workdir] + ([Path(spec.outputs.dataset)] if spec.outputs.dataset else []):
+            if old.exists():
+                aside = old.with_name(f"{old.name}.replaced-{stamp}")
+                shutil.move(str(old), aside)
+                echo(f"[{spec.name}] inputs or params changed: previous {old} moved to {aside}")
     elif not marker and result:  # a result without a marker: not ours to trust
         (workdir / "result.json").unlink()
 
@@ -171,10 +174,12 @@ def run_stage(cfg: PipelineConfig, spec: StageSpec, run: str, parent_run_id: str
             raise PipelineError(f"stage {spec.name}: all ranks exited 0 but {workdir / 'result.json'} {'says ' + repr(result.get('status')) if result else 'is missing'}")
         output_hash = version_dataset(spec.outputs.dataset) if spec.outputs.dataset else None
         version = lineage.finish_stage(run_id, spec, result, output_hash=output_hash, job=job, log_dir=log_dir)
-    except (StageFailed, PipelineError) as e:
-        lineage.fail_stage(run_id, str(e), log_dir)
+    except Exception as e:  # noqa: BLE001 - every failure is recorded on the stage's run, then raised
+        lineage.fail_stage(run_id, f"{type(e).__name__}: {e}", log_dir)
         _write_json(workdir / MARKER, {"fingerprint": fp, "status": "failed", "mlflow_run_id": run_id, "error": str(e)[-2000:]})
         decisions = _after_evaluate(cfg, spec, lineage, run_id, None)
+        if not isinstance(e, (StageFailed, PipelineError)):
+            raise
         raise PipelineError(f"stage {spec.name} failed:\n{e}" + "".join(f"\n{d.alias}: kept ({d.reason})" for d in decisions)) from e
     decisions = _after_evaluate(cfg, spec, lineage, run_id, result)
     _write_json(workdir / MARKER, {"fingerprint": fp, "status": "succeeded", "mlflow_run_id": run_id, "model_version": version, "output_hash": output_hash})

@@ -76,6 +76,7 @@ def test_changed_params_run_the_stage_again_in_a_fresh_workdir(tmp_path):
     assert [s.status for s in res.stages] == ["succeeded", "succeeded"]
     assert _starts(cfg2, "r1", "produce") == 1
     assert len(list(cfg2.run_dir("r1").glob("produce.replaced-*"))) == 1
+    assert len(list(Path(cfg2.paths.data).glob("mined.replaced-*"))) == 1  # no stale shards either
 
 
 def test_a_failing_stage_fails_the_pipeline_with_its_log(tmp_path):
