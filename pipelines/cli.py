@@ -30,7 +30,9 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from pipelines.dvc import DvcError
     from pipelines.spec import SpecError
 
-    errs: list[type[Exception]] = [DvcError, SpecError, FileNotFoundError, ValueError]
+    from pipelines.runner import PipelineError
+
+    errs: list[type[Exception]] = [DvcError, SpecError, PipelineError, FileNotFoundError, ValueError]
     try:
         from trainers.data.shards import DataError
 
@@ -224,6 +226,39 @@ def data_export(
 
     coco = _guard(data.export, path, output, kind)
     out.print(f"wrote {output}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+
+
+DEFAULT_PIPELINE = Path("configs/partdistillation-demo.yaml")
+
+
+@app.command("run")
+def run_cmd(
+    config: Path = typer.Argument(DEFAULT_PIPELINE, help="Pipeline config YAML."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run name; re-using one resumes it (finished stages are skipped)."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="Override executor.kind: local, kubernetes or render."),
+) -> None:
+    """Run a pipeline (default: PartDistillation on the built-in demo dataset, embedded defaults)."""
+    from pipelines import runner
+
+    result = _guard(runner.run_pipeline_cli, config, run, executor, out.print)
+    if isinstance(result, list):
+        out.print(f"wrote {len(result)} manifest(s); apply them in order with kubectl apply -f <file>")
+        return
+    out.print(result.summary)
+
+
+@app.command("render")
+def render_cmd(
+    config: Path = typer.Argument(DEFAULT_PIPELINE, help="Pipeline config YAML."),
+    output: Path = typer.Option(Path("manifests/pipeline"), "--out", "-o", help="Folder for the numbered stage manifests."),
+    run: str = typer.Option("demo", "--run", help="Run name the manifests belong to."),
+) -> None:
+    """Write the pipeline's stages as numbered PyTorchJob manifests for kubectl apply."""
+    from pipelines import runner
+
+    paths = _guard(runner.render_pipeline, config, output, run)
+    for p in paths:
+        out.print(str(p))
 
 
 def main() -> None:

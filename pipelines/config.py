@@ -234,6 +234,10 @@ class PipelineConfig(_Strict):
             tracking=Tracking(mlflow_uri=self.tracking_uri(), experiment=self.tracking.experiment, dvc_remote=self.paths.dvc_remote),
         )
 
+    def report(self, result: Any, lineage: Any) -> str:
+        """A pipeline's final report after all stages succeeded (logged to the parent MLflow run); none by default."""
+        return ""
+
     def stage_specs(self, run: str) -> list[StageSpec]:
         """The stages of one pipeline run, in order. Pipelines with their own section override this."""
         return [

@@ -74,6 +74,17 @@ class PartDistillationConfig(PipelineConfig):
     def stage_specs(self, run: str) -> list[StageSpec]:
         return build_stages(self, run)
 
+    def report(self, result: Any, lineage: Any) -> str:
+        """The run's final table, printed and logged to the parent MLflow run (artifact + metrics)."""
+        table = proposals_table(result.stages, self.partdistillation.proposals.rounds)
+        text = "Part proposals (class-agnostic AR, %, held-out part masks)\n" + format_table(table)
+        lineage.client.log_text(result.mlflow_run_id, text + "\n", "proposals_table.md")
+        for label, vals in table:
+            for col, v in vals.items():
+                if v == v:  # not NaN
+                    lineage.client.log_metric(result.mlflow_run_id, f"table.{label.replace(' ', '_')}.{col.replace('@', '_')}", v)
+        return text
+
 
 def _out(cfg: PipelineConfig, run: str, name: str) -> str:
     """Datasets a run writes live in the run folder (absolute, so new_stage_spec keeps it)."""
@@ -141,7 +152,8 @@ def proposals_table(outcomes: list[Any], rounds: int) -> list[tuple[str, dict[st
 
 
 def _metric(metrics: dict[str, Any], name: str) -> float:
-    for key in (name, f"eval/{name}", f"proposals/{name}"):
+    alt = name.replace("@", "_")
+    for key in (name, f"eval/{name}", alt, f"eval/{alt}"):
         if key in metrics:
             return float(metrics[key])
     return float("nan")

@@ -53,6 +53,7 @@ class PipelineResult:
     run: str
     mlflow_run_id: str
     stages: list[StageOutcome]
+    report: str = ""  # the pipeline's own final report (e.g. PartDistillation's table), also logged to MLflow
 
     @property
     def summary(self) -> str:
@@ -63,6 +64,8 @@ class PipelineResult:
             extra += [f"dataset {s.output_hash}"] if s.output_hash else []
             extra += [f"{d.alias}: {'promoted' if d.promoted else 'kept'} ({d.reason})" for d in s.decisions]
             lines.append(f"  {s.name}: {s.status}" + (f" - {'; '.join(extra)}" if extra else ""))
+        if self.report:
+            lines += ["", self.report]
         return "\n".join(lines)
 
 
@@ -119,6 +122,7 @@ def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executo
 
         executor = make_executor(cfg.executor.kind, grace_seconds=cfg.executor.grace_seconds) if cfg.executor.kind == "local" else make_executor(cfg.executor.kind)
     lineage = lineage or Lineage(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_location())
+    _ensure_workspace_repo(cfg, specs)
     parent = lineage.pipeline_run(cfg.pipeline, run, {"pipeline": cfg.pipeline, "run": run, "stages": ",".join(s.name for s in specs)}, config_text)
     outcomes: list[StageOutcome] = []
     produced: dict[str, str] = {}  # stage name -> models:/<name>/<version> it registered
@@ -131,8 +135,28 @@ def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executo
     except BaseException:
         lineage.finish_pipeline(parent, succeeded=False)
         raise
+    result = PipelineResult(run=run, mlflow_run_id=parent, stages=outcomes)
+    try:
+        result.report = cfg.report(result, lineage)
+    except BaseException:
+        lineage.finish_pipeline(parent, succeeded=False)
+        raise
     lineage.finish_pipeline(parent, succeeded=True)
-    return PipelineResult(run=run, mlflow_run_id=parent, stages=outcomes)
+    return result
+
+
+def _ensure_workspace_repo(cfg: PipelineConfig, specs: list[StageSpec]) -> None:
+    """Datasets a run writes inside the workspace are versioned in the workspace's own git + DVC repository.
+
+    The workspace is usually git-ignored by the project around it, and DVC refuses to track a
+    path whose .dvc file git ignores; a repository of its own (sharing the DVC remote) avoids that.
+    """
+    from pipelines import dvc
+
+    root = Path(cfg.paths.root)
+    if any(s.outputs.dataset and root in Path(s.outputs.dataset).resolve().parents for s in specs):
+        if not (root / ".dvc").is_dir() or not (root / ".git").exists():
+            dvc.ensure_repo(root, remote=cfg.paths.dvc_remote)
 
 
 def run_stage(cfg: PipelineConfig, spec: StageSpec, run: str, parent_run_id: str, lineage: Any, executor: Executor,
@@ -216,10 +240,12 @@ def version_dataset(path: str) -> str:
     from pipelines import dvc
 
     try:
-        dvc.find_root(path)
+        root = dvc.find_root(path)
     except dvc.DvcError:
         return dvc.dataset_hash(path)
-    return dvc.add(path).md5
+    version = dvc.add(path, root)
+    dvc.push([path], root)  # every dataset version also lives on the remote
+    return version.md5
 
 
 def _after_evaluate(cfg: PipelineConfig, spec: StageSpec, lineage: Any, run_id: str, result: dict[str, Any] | None) -> list[Any]:

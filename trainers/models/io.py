@@ -47,6 +47,8 @@ def load_segmenter(path: str | Path, *, cfg: SegmenterConfig | None = None, enco
     if cfg is None:
         blob = read_segmenter_file(path)
         cfg, state = SegmenterConfig.model_validate(blob["config"]), blob["state_dict"]
+        # the file holds every weight: never fetch pretrained ones again (clusters have no internet)
+        cfg = cfg.model_copy(update={"encoder": cfg.encoder.model_copy(update={"pretrained": None})})
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
