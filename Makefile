@@ -13,8 +13,9 @@ $(BIN)/selftrain: pyproject.toml constraints.txt
 
 setup: $(BIN)/selftrain  ## create .venv and install selftrain with pinned dependencies
 
-demo: setup  ## generate and version the demo dataset (the full pipeline once it lands)
+demo: setup  ## the main job: generate + version the demo dataset, then run PartDistillation on it
 	$(BIN)/selftrain data generate
+	$(BIN)/selftrain run configs/partdistillation-demo.yaml
 
 test: setup  ## run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest
