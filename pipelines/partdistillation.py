@@ -109,7 +109,8 @@ def build_stages(cfg: PartDistillationConfig, run: str) -> list[StageSpec]:
                            output_model=INSTANCE_TEACHER),
         cfg.new_stage_spec(run, "mine-parts", "mine-train", params=mining, datasets={"images": pd.train},
                            models={"teacher": teacher_ref}, output_dataset=_out(cfg, run, "mined-train")),
-        cfg.new_stage_spec(run, "mine-parts", "mine-eval", params=mining, datasets={"images": pd.eval},
+        # mined proposals on the held-out images, only to measure them (the stage never copies part labels)
+        cfg.new_stage_spec(run, "mine-parts", "mine-eval", params={**mining, "allow_parts": True}, datasets={"images": pd.eval},
                            models={"teacher": teacher_ref}, output_dataset=_out(cfg, run, "mined-eval")),
         cfg.new_stage_spec(run, "evaluate-proposals", "evaluate-strips",
                            params={**evaluation, "baseline": "strips", "k": pd.mining.k, "objects": pd.mining.objects,
