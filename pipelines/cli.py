@@ -254,9 +254,9 @@ def render_cmd(
     run: str = typer.Option("demo", "--run", help="Run name the manifests belong to."),
 ) -> None:
     """Write the pipeline's stages as numbered PyTorchJob manifests for kubectl apply."""
-    from pipelines import runner
+    from pipelines import render
 
-    paths = _guard(runner.render_pipeline, config, output, run)
+    paths = _guard(render.render_pipeline, config, output, run)
     for p in paths:
         out.print(str(p))
 

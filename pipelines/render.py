@@ -291,3 +291,93 @@ def spec_of(job: dict[str, Any]) -> StageSpec:
 
 def _snake(d: dict[str, Any]) -> dict[str, Any]:
     return {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in d.items()}
+
+
+# -- a whole pipeline as files for kubectl apply -----------------------------------------------
+
+def render_pipeline(config_path: str | Path, out_dir: str | Path, run: str = "demo") -> list[Path]:
+    """``selftrain render``: a pipeline's stages as ``NN-<stage>.yaml`` PyTorchJobs plus a README.md of their order.
+
+    Paths under the config's workspace are mapped to the PVC mount paths of its kubernetes section;
+    stage files left in ``out_dir`` by an earlier render of a longer pipeline are removed.
+    """
+    from pipelines.config import load_config
+    from pipelines.runner import path_map
+
+    cfg = load_config(config_path)
+    specs = cfg.stage_specs(run)
+    paths = write_manifests(specs, out_dir, cfg.executor.kubernetes, run=run, path_map=path_map(cfg))
+    for stale in set(Path(out_dir).glob("[0-9][0-9]-*.yaml")) - set(paths):
+        stale.unlink()
+    pinned = pin_stage_models([map_paths(s, path_map(cfg)) for s in specs])
+    readme = Path(out_dir) / "README.md"
+    readme.write_text(pipeline_readme(pinned, paths, cfg.executor.kubernetes, run, Path(config_path)))
+    return paths
+
+
+def data_dependencies(specs: list[StageSpec]) -> dict[str, list[str]]:
+    """Stage name -> the earlier stages whose outputs it reads (datasets, model files, registered models).
+
+    A ``models:/<name>@<alias>`` input depends on the last earlier stage that registers ``<name>``.
+    """
+    deps: dict[str, list[str]] = {}
+    for i, s in enumerate(specs):
+        before = specs[:i]
+        found: list[str] = []
+        for d in s.inputs.datasets.values():
+            found += [b.name for b in before if b.outputs.dataset and _under(d.path, b.outputs.dataset)]
+        for m in s.inputs.models.values():
+            if m.uri.startswith("models:/"):
+                name = re.split(r"[@/]", m.uri[len("models:/"):], maxsplit=1)[0]
+                writers = [b.name for b in before if b.outputs.model == name]
+                found += writers[-1:]
+            else:
+                found += [b.name for b in before if _under(m.uri, b.outputs.workdir)]
+        deps[s.name] = list(dict.fromkeys(found))
+    return deps
+
+
+def _under(path: str, root: str) -> bool:
+    root = root.rstrip("/")
+    return path == root or path.startswith(root + "/")
+
+
+def pipeline_readme(specs: list[StageSpec], paths: list[Path], k8s: KubernetesConfig, run: str, config: Path) -> str:
+    """The README of a rendered pipeline folder: apply order, what each stage reads, and the one manual step."""
+    deps = data_dependencies(specs)
+    aliased = [(p.name, m.uri) for s, p in zip(specs, paths) for m in s.inputs.models.values()
+               if m.uri.startswith("models:/") and "@" in m.uri]
+    lines = [
+        f"# {specs[0].pipeline if specs else 'pipeline'} run `{run}` as PyTorchJobs",
+        "",
+        f"Rendered by `selftrain render {config.as_posix()} -o <this folder> --run {run}`; do not edit by hand.",
+        f"Every job runs in namespace `{k8s.namespace}`. Apply the files **one at a time, in order**, and wait",
+        "for each job to succeed before the next one (`kubectl apply -f <folder>` would start them all at once):",
+        "",
+        "```bash",
+        "for f in [0-9][0-9]-*.yaml; do",
+        f"  kubectl -n {k8s.namespace} apply -f \"$f\"",
+        f"  kubectl -n {k8s.namespace} wait --for=condition=Succeeded --timeout=24h -f \"$f\"",
+        "done",
+        "```",
+        "",
+        "`selftrain.io/depends-on` on each job lists every stage before it (the order above);",
+        "the last column names the stages whose outputs it actually reads.",
+        "",
+        "| # | file | stage | trainer | replicas x procs | reads outputs of |",
+        "| ---: | --- | --- | --- | --- | --- |",
+    ]
+    for i, (s, p) in enumerate(zip(specs, paths)):
+        r = s.resources
+        size = f"{r.replicas} x {r.nproc_per_node}" + (f" ({r.gpus_per_replica} GPU each)" if r.gpus_per_replica else "")
+        lines.append(f"| {i:02d} | `{p.name}` | {s.name} | {s.stage} | {size} | {', '.join(deps[s.name]) or '-'} |")
+    if aliased:
+        lines += [
+            "",
+            "Models are promoted by `selftrain run`, not by these files. Before applying a job that reads a",
+            "model by alias, set that alias on the version you accept (MLflow UI, or",
+            "`MlflowClient().set_registered_model_alias(name, alias, version)`):",
+            "",
+        ]
+        lines += [f"- `{f}` reads `{uri}`" for f, uri in aliased]
+    return "\n".join(lines) + "\n"
