@@ -89,6 +89,11 @@ class KubernetesConfig(_Strict):
     node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the training pods.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the training pods (Kubernetes toleration objects).")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables of the trainer container.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the PyTorchJobs and their pods (e.g. kueue.x-k8s.io/queue-name for Kueue).")
+    scheduling_policy: dict[str, Any] = Field(
+        default_factory=dict,
+        description="runPolicy.schedulingPolicy of the PyTorchJobs (gang scheduling, e.g. Volcano: minAvailable, queue, priorityClass); none by default.",
+    )
 
 
 class ExecutorConfig(_Strict):

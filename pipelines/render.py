@@ -23,6 +23,7 @@ from kubeflow.training.models import (
     KubeflowOrgV1PyTorchJobSpec,
     KubeflowOrgV1ReplicaSpec,
     KubeflowOrgV1RunPolicy,
+    KubeflowOrgV1SchedulingPolicy,
 )
 from kubernetes.client import (
     ApiClient,
@@ -140,6 +141,7 @@ def build_job(
     }
     if run:
         labels[f"{LABEL}/run"] = _label_value(run)
+    labels.update(k8s.labels)
     annotations = {f"{LABEL}/fingerprint": fp, f"{LABEL}/depends-on": ",".join(depends_on)}
     if spec.tracking.run_id:
         annotations[f"{LABEL}/mlflow-run-id"] = spec.tracking.run_id
@@ -207,6 +209,7 @@ def build_job(
                 backoff_limit=k8s.backoff_limit,
                 ttl_seconds_after_finished=k8s.ttl_seconds_after_finished,
                 active_deadline_seconds=k8s.active_deadline_seconds,
+                scheduling_policy=KubeflowOrgV1SchedulingPolicy(**_snake(k8s.scheduling_policy)) if k8s.scheduling_policy else None,
             ),
         ),
     )
@@ -311,7 +314,9 @@ def render_pipeline(config_path: str | Path, out_dir: str | Path, run: str = "de
         stale.unlink()
     pinned = pin_stage_models([map_paths(s, path_map(cfg)) for s in specs])
     readme = Path(out_dir) / "README.md"
-    readme.write_text(pipeline_readme(pinned, paths, cfg.executor.kubernetes, run, Path(config_path)))
+    config = Path(config_path).resolve()
+    shown = config.relative_to(Path.cwd()) if config.is_relative_to(Path.cwd()) else config
+    readme.write_text(pipeline_readme(pinned, paths, cfg.executor.kubernetes, run, shown))
     return paths
 
 
