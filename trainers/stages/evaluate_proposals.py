@@ -12,7 +12,7 @@ Ground truth: ``datasets["eval"]`` (an evaluation split with ``parts``). The pro
   Strip score: the strip's share of the image (``strip_record``).
 
 Params (defaults): ``baseline`` null, ``k`` 4, ``objects`` "gt", ``score_threshold`` 0.5, ``max_detections`` 20,
-``top_k`` 200, ``clip_to_objects`` false (intersect every proposal with the union of the GT objects),
+``max_dets`` [1, 10, 50, 100, 200] (the k of AR@k), ``top_k`` max(max_dets), ``clip_to_objects`` false (intersect every proposal with the union of the GT objects),
 ``batch_size`` 8, ``coco`` true (also run pycocotools COCOeval, useCats=0; gathers every mask on rank 0).
 
 Metrics. MLflow metric names may not contain ``@``, so ``AR@k`` is written ``AR_k``:
@@ -90,7 +90,8 @@ def run(spec: StageSpec) -> StageResult | None:
     if objects not in ("gt", "detected"):
         raise ValueError(f"params.objects must be 'gt' or 'detected', got {objects!r}")
     score_threshold, max_detections = float(p.get("score_threshold", 0.5)), int(p.get("max_detections", 20))
-    top_k, batch_size = int(p.get("top_k", 200)), int(p.get("batch_size", 8))
+    max_dets = tuple(int(v) for v in p.get("max_dets", MAX_DETS))
+    top_k, batch_size = int(p.get("top_k", max(max_dets))), int(p.get("batch_size", 8))
     clip, use_coco = bool(p.get("clip_to_objects", False)), bool(p.get("coco", True))
 
     device = stage_device(spec)
@@ -107,7 +108,7 @@ def run(spec: StageSpec) -> StageResult | None:
                                                          decode=False, allow_parts=True)}
         stored = stored_proposals(dataset_input(spec, "proposals"), keys)
 
-    recall = PartProposalRecall(max_dets=MAX_DETS, clip_to_objects=clip)
+    recall = PartProposalRecall(max_dets=max_dets, clip_to_objects=clip)
     gathered: list[tuple[dict, list[dict]]] = []  # (GT parts record, proposals) for COCOeval
     counts = torch.zeros(3, dtype=torch.float64)  # images, proposals, images without proposals
     total = shards.num_samples_for(eval_path, rank=d.rank, world_size=d.world_size)
@@ -141,7 +142,8 @@ def run(spec: StageSpec) -> StageResult | None:
         metrics = {metric_key(name): v for name, v in recall.evaluate().items()}
         if use_coco:
             pairs = [pair for part in everything for pair in part]
-            coco = coco_proposal_ar([g for g, _ in pairs], [q for _, q in pairs], max_dets=COCO_MAX_DETS,
+            coco_dets = [m for m in COCO_MAX_DETS if m <= max(max_dets)] or list(max_dets[:1])
+            coco = coco_proposal_ar([g for g, _ in pairs], [q for _, q in pairs], max_dets=coco_dets,
                                     clip_to_objects=clip)
             metrics.update({metric_key(name): v for name, v in coco.items()})
         n_images = float(counts[0])
