@@ -85,6 +85,12 @@ class KubernetesConfig(_Strict):
     clean_pod_policy: Literal["None", "Running", "All"] = Field(default="None", description="Pods deleted when the job ends (runPolicy.cleanPodPolicy); None keeps logs.")
     ttl_seconds_after_finished: int | None = Field(default=86400, ge=0, description="Delete the finished PyTorchJob after this many seconds (runPolicy.ttlSecondsAfterFinished).")
     active_deadline_seconds: int | None = Field(default=None, ge=1, description="Fail a stage running longer than this (runPolicy.activeDeadlineSeconds).")
+    cleanup: Literal["always", "on-success", "never"] = Field(
+        default="on-success",
+        description="Kubernetes executor: delete finished PyTorchJobs always, on success only (failed ones are kept for debugging, their running pods stopped), or never.",
+    )
+    pending_timeout_seconds: float | None = Field(default=600, gt=0, description="Kubernetes executor: fail a stage whose pod stays Pending (unschedulable, image not started) longer than this.")
+    timeout_seconds: float | None = Field(default=None, gt=0, description="Kubernetes executor: fail a stage not finished after this many seconds (all attempts); none by default.")
     master_port: int = Field(default=23456, ge=1, le=65535, description="Port of the pytorchjob-port on the Master (the operator's MASTER_PORT).")
     node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the training pods.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the training pods (Kubernetes toleration objects).")

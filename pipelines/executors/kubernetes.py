@@ -1,0 +1,721 @@
+"""The kubernetes executor: creates a stage's PyTorchJob on a cluster, follows it to its end, keeps every replica's log.
+
+A restart replaces the whole group. The v1.9.3 training operator restarts only the failed pod
+(OnFailure: the kubelet restarts its container in place; ExitCode: the operator deletes and
+recreates that one pod, pkg/controller.v1/common/pod.go), and a single restarted rank cannot
+rejoin a DeepSpeed group. Its backoff count is unreliable too (pkg/core/job.go PastBackoffLimit sums
+container restartCounts of Running pods, always 0 under ExitCode, plus a work-queue requeue count).
+So the job is submitted with ``restartPolicy: Never`` on every replica and no ``backoffLimit``: the
+first failed replica fails the job, and this executor deletes it (with its pods) and creates it
+again, up to the rendered ``runPolicy.backoffLimit`` times, when the rendered restart policy allows
+(OnFailure: any failure; ExitCode: exit codes 128-255; Never: none), as the local executor does.
+
+Re-running a stage re-attaches to the job of the same name and fingerprint annotation (a driver
+killed mid-run loses nothing); a finished job of other inputs is replaced, a running one is an error.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+from pipelines.config import KubernetesConfig
+from pipelines.executors import ExecutionResult, ReplicaOutcome, StageFailed
+from pipelines.executors.local import _restartable
+
+FINGERPRINT = "selftrain.io/fingerprint"
+ATTEMPT = "selftrain.io/attempt"  # set on jobs this executor created: it restarts them as whole groups
+BACKOFF = "selftrain.io/backoff-limit"  # the rendered runPolicy.backoffLimit, which the executor applies
+STARTED = "selftrain.io/started"  # epoch seconds of attempt 1 (activeDeadlineSeconds spans all attempts)
+FINISHED = ("Succeeded", "Failed")
+IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+
+
+# -- errors ----------------------------------------------------------------------------------------
+class ClusterError(StageFailed):
+    """The stage could not run on the cluster (the message says why and what to do)."""
+
+
+class CrdMissing(ClusterError):
+    """The job's custom resource (PyTorchJob CRD) is not installed."""
+
+
+class Forbidden(ClusterError):
+    """RBAC forbids the executor's identity an action it needs."""
+
+
+class ImagePullFailed(ClusterError):
+    """A replica's image cannot be pulled."""
+
+
+class PendingTimeout(ClusterError):
+    """A replica stayed Pending (unschedulable, or not started) past ``pending_timeout_seconds``."""
+
+
+class StageTimeout(ClusterError):
+    """The stage did not finish within ``timeout_seconds``."""
+
+
+class JobConflict(ClusterError):
+    """A running job of the same name belongs to other inputs or params."""
+
+
+class ApiDenied(Exception):
+    """The API server answered 403 to ``verb`` on ``resource`` in ``namespace`` for ``user``."""
+
+    def __init__(self, denied: list[tuple[str, str]], namespace: str, user: str, message: str = ""):
+        self.denied, self.namespace, self.user, self.message = denied, namespace, user, message
+        super().__init__(self.explain())
+
+    def explain(self) -> str:
+        what = ", ".join(f"{verb} {resource}" for verb, resource in self.denied)
+        who = self.user or "this identity"
+        if who.startswith("system:serviceaccount:"):
+            subject = f"--serviceaccount={who.split(':', 2)[2]}"
+        else:
+            subject = f"--user={who}"
+        resources = sorted({r for _, r in self.denied} | {"pytorchjobs.kubeflow.org", "pods", "pods/log"})
+        return (
+            f"RBAC forbids {who} to {what} in namespace {self.namespace}"
+            + (f" (API server: {self.message})" if self.message else "")
+            + f". Grant it, e.g.: kubectl -n {self.namespace} create role selftrain-executor --verb=create,get,list,delete"
+            f" --resource={','.join(resources)} && kubectl -n {self.namespace} create rolebinding selftrain-executor"
+            f" --role=selftrain-executor {subject}"
+        )
+
+
+class ApiNotInstalled(Exception):
+    """The API server does not serve the job's resource (its CRD is not installed)."""
+
+
+# -- the submission interface ----------------------------------------------------------------------
+class LineStream(Protocol):
+    def __iter__(self) -> Iterator[str]: ...
+    def close(self) -> None: ...
+
+
+class JobBackend(Protocol):
+    """Where jobs of one kind are created and followed (PyTorchJob v1 now; a Trainer v2 TrainJob later)."""
+
+    kind: str
+
+    def check(self, namespace: str) -> list[str]:
+        """Raise ApiNotInstalled / ApiDenied when the resource is missing or a required verb is forbidden; return warnings."""
+
+    def create(self, job: dict[str, Any]) -> dict[str, Any]: ...
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def delete(self, namespace: str, name: str, wait: float = 0.0) -> None:
+        """Delete the job and its pods; with ``wait`` > 0, until they are gone (at most ``wait`` seconds)."""
+
+    def pods(self, namespace: str, job: dict[str, Any]) -> list[dict[str, Any]]:
+        """The pods of this job object (its uid), as dicts."""
+
+    def delete_pod(self, namespace: str, name: str) -> None: ...
+    def logs(self, namespace: str, pod: str, container: str) -> LineStream:
+        """Follow one container's log; raises the client's ApiException when there is none."""
+
+    # what the kind means
+    def state(self, job: dict[str, Any]) -> tuple[str, str]:
+        """(Created | Running | Restarting | Succeeded | Failed | '', message) of a job object."""
+
+    def replicas(self, job: dict[str, Any]) -> list[str]:
+        """Replica names of a job, e.g. ['master-0', 'worker-0']."""
+
+    def replica(self, pod: dict[str, Any]) -> str: ...
+    def restart_policies(self, job: dict[str, Any]) -> tuple[dict[str, str], int]:
+        """({replica type: restart policy}, backoffLimit) as rendered."""
+
+    def for_group_restart(self, job: dict[str, Any], active_deadline: int | None) -> dict[str, Any]:
+        """The job as submitted: the cluster never restarts a replica on its own (the executor restarts the group)."""
+
+
+class _HttpLines:
+    """Lines of a streaming HTTP response; ``close`` (from any thread) ends the iteration."""
+
+    def __init__(self, resp: Any):
+        self.resp = resp
+
+    def __iter__(self) -> Iterator[str]:
+        buf = b""
+        try:
+            for chunk in self.resp.stream(4096, decode_content=True):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    yield line.decode(errors="replace").rstrip("\r")
+            if buf:
+                yield buf.decode(errors="replace")
+        finally:
+            self.resp.release_conn()
+
+    def close(self) -> None:
+        try:
+            self.resp.close()
+        except Exception:  # noqa: BLE001 - closing a dead stream
+            pass
+
+
+class PyTorchJobBackend:
+    """Kubeflow training-operator v1 PyTorchJobs through the kubernetes client (CustomObjectsApi)."""
+
+    kind = "PyTorchJob"
+
+    def __init__(self, api_client: Any = None, *, kubeconfig: str | None = None, context: str | None = None,
+                 group: str = "kubeflow.org", version: str = "v1", plural: str = "pytorchjobs"):
+        from kubernetes import client
+
+        if api_client is None:
+            api_client = _api_client(kubeconfig, context)
+        self.api_client = api_client
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.group, self.version, self.plural = group, version, plural
+        self._user: str | None = None
+
+    @property
+    def resource(self) -> str:
+        return f"{self.plural}.{self.group}"
+
+    @property
+    def host(self) -> str:
+        return self.api_client.configuration.host
+
+    # -- API -----------------------------------------------------------------------------------
+    def check(self, namespace: str) -> list[str]:
+        from kubernetes.client import ApiException
+
+        try:
+            found = self.custom.get_api_resources(self.group, self.version)
+        except ApiException as e:
+            if e.status == 404:
+                raise ApiNotInstalled(self._not_installed()) from e
+            raise
+        if not any(r.name == self.plural for r in (found.resources or [])):
+            raise ApiNotInstalled(self._not_installed())
+        required = [("create", self.plural, self.group), ("get", self.plural, self.group),
+                    ("delete", self.plural, self.group), ("list", "pods", "")]
+        optional = [("get", "pods/log", ""), ("delete", "pods", "")]
+        denied = [(v, _res(r, g)) for v, r, g in required if self._can(namespace, v, r, g) is False]
+        if denied:
+            raise ApiDenied(denied, namespace, self.user())
+        return [f"RBAC forbids {self.user()} to {v} {_res(r, g)} in namespace {namespace}: "
+                + ("replica logs are not kept" if r == "pods/log" else "running pods of a failed job kept by cleanup are not stopped")
+                for v, r, g in optional if self._can(namespace, v, r, g) is False]
+
+    def create(self, job: dict[str, Any]) -> dict[str, Any]:
+        ns = job["metadata"]["namespace"]
+        with self._denied("create", self.resource, ns):
+            return self.custom.create_namespaced_custom_object(self.group, self.version, ns, self.plural, job)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client import ApiException
+
+        try:
+            with self._denied("get", self.resource, namespace):
+                return self.custom.get_namespaced_custom_object(self.group, self.version, namespace, self.plural, name)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            if (_status(e).get("details") or {}).get("name"):
+                return None  # the job is not there
+            raise ApiNotInstalled(self._not_installed()) from e
+
+    def delete(self, namespace: str, name: str, wait: float = 0.0) -> None:
+        from kubernetes.client import ApiException
+
+        try:
+            with self._denied("delete", self.resource, namespace):
+                self.custom.delete_namespaced_custom_object(
+                    self.group, self.version, namespace, self.plural, name, propagation_policy="Foreground")
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        end = time.monotonic() + wait
+        while wait and time.monotonic() < end:  # Foreground: the job goes after its pods
+            if self.get(namespace, name) is None:
+                return
+            time.sleep(0.2)
+
+    def pods(self, namespace: str, job: dict[str, Any]) -> list[dict[str, Any]]:
+        name, uid = job["metadata"]["name"], job["metadata"].get("uid")
+        with self._denied("list", "pods", namespace):
+            resp = self.core.list_namespaced_pod(
+                namespace, label_selector=f"training.kubeflow.org/job-name={name}", _preload_content=False)
+        items = json.loads(resp.data).get("items") or []
+        return [p for p in items if not uid or any(o.get("uid") == uid for o in p["metadata"].get("ownerReferences") or [])]
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        from kubernetes.client import ApiException
+
+        try:
+            with self._denied("delete", "pods", namespace):
+                self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=30)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def logs(self, namespace: str, pod: str, container: str) -> LineStream:
+        resp = self.core.read_namespaced_pod_log(pod, namespace, container=container, follow=True, _preload_content=False)
+        return _HttpLines(resp)
+
+    def user(self) -> str:
+        """Who the API server says we are (SelfSubjectReview), e.g. ``system:serviceaccount:ns:sa``."""
+        if self._user is None:
+            from kubernetes import client
+
+            try:
+                review = client.AuthenticationV1Api(self.api_client).create_self_subject_review(
+                    client.V1SelfSubjectReview(metadata=client.V1ObjectMeta()))
+                self._user = review.status.user_info.username or ""
+            except Exception:  # noqa: BLE001 - only used in messages
+                self._user = ""
+        return self._user
+
+    # -- the PyTorchJob kind -------------------------------------------------------------------
+    def state(self, job: dict[str, Any]) -> tuple[str, str]:
+        conds = [c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
+        for t in FINISHED:
+            for c in conds:
+                if c["type"] == t:
+                    return t, c.get("message", "")
+        return (conds[-1]["type"], conds[-1].get("message", "")) if conds else ("", "")
+
+    def replicas(self, job: dict[str, Any]) -> list[str]:
+        out = []
+        for rtype in ("Master", "Worker"):
+            rs = job["spec"]["pytorchReplicaSpecs"].get(rtype)
+            if rs:
+                out += [f"{rtype.lower()}-{i}" for i in range(int(rs.get("replicas", 1)))]
+        return out
+
+    def replica(self, pod: dict[str, Any]) -> str:
+        labels = pod["metadata"].get("labels") or {}
+        return f"{labels.get('training.kubeflow.org/replica-type', 'pod')}-{labels.get('training.kubeflow.org/replica-index', '0')}"
+
+    def restart_policies(self, job: dict[str, Any]) -> tuple[dict[str, str], int]:
+        specs = job["spec"]["pytorchReplicaSpecs"]
+        policies = {rtype.lower(): rs.get("restartPolicy") or "OnFailure" for rtype, rs in specs.items()}
+        return policies, int((job["spec"].get("runPolicy") or {}).get("backoffLimit") or 0)
+
+    def for_group_restart(self, job: dict[str, Any], active_deadline: int | None) -> dict[str, Any]:
+        job = copy.deepcopy(job)
+        job["apiVersion"] = f"{self.group}/{self.version}"
+        for rs in job["spec"]["pytorchReplicaSpecs"].values():
+            rs["restartPolicy"] = "Never"
+        run_policy = job["spec"].setdefault("runPolicy", {})
+        # No backoffLimit: past it, v1.9.3 deletes every pod of the job before marking it Failed
+        # (common/job.go, whatever cleanPodPolicy says); with Never, the first failed replica fails the job.
+        backoff = run_policy.pop("backoffLimit", None)
+        if backoff is not None:
+            job["metadata"].setdefault("annotations", {})[BACKOFF] = str(backoff)
+        if active_deadline is not None:
+            run_policy["activeDeadlineSeconds"] = active_deadline
+        return job
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _can(self, namespace: str, verb: str, resource: str, group: str) -> bool | None:
+        """SelfSubjectAccessReview; None when it cannot be asked."""
+        from kubernetes import client
+
+        res, _, sub = resource.partition("/")
+        try:
+            review = client.AuthorizationV1Api(self.api_client).create_self_subject_access_review(
+                client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
+                    resource_attributes=client.V1ResourceAttributes(
+                        namespace=namespace, verb=verb, group=group, resource=res, subresource=sub or None))))
+        except Exception:  # noqa: BLE001 - then the real call will tell
+            return None
+        return bool(review.status.allowed)
+
+    @contextmanager
+    def _denied(self, verb: str, resource: str, namespace: str) -> Iterator[None]:
+        from kubernetes.client import ApiException
+
+        try:
+            yield
+        except ApiException as e:
+            if e.status == 403:
+                msg = _status(e).get("message") or str(e.reason)
+                m = re.search(r'User "([^"]+)"', msg)
+                raise ApiDenied([(verb, resource)], namespace, m.group(1) if m else self.user(), msg) from e
+            raise
+
+    def _not_installed(self) -> str:
+        return (
+            f"the API server at {self.host} does not serve {self.resource}/{self.version} ({self.kind}): "
+            "the Kubeflow training operator's PyTorchJob CRD is not installed. Install the training operator v1.9 "
+            '(kubectl apply --server-side -k "github.com/kubeflow/training-operator.git/manifests/overlays/standalone?ref=v1.9.3") '
+            "or point the executor at a cluster that has it"
+        )
+
+
+def _res(resource: str, group: str) -> str:
+    return f"{resource}.{group}" if group else resource
+
+
+def _status(e: Any) -> dict[str, Any]:
+    try:
+        return json.loads(e.body or "{}")
+    except (TypeError, ValueError):
+        return {}
+
+
+def _api_client(kubeconfig: str | None, context: str | None) -> Any:
+    """A client for ``kubeconfig`` (else $KUBECONFIG / ~/.kube/config), or the in-cluster service account."""
+    import os
+
+    from kubernetes import client, config
+
+    if kubeconfig or os.environ.get("KUBECONFIG") or Path("~/.kube/config").expanduser().exists() or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return config.new_client_from_config(config_file=kubeconfig, context=context, persist_config=False)
+    c = client.Configuration()
+    config.load_incluster_config(client_configuration=c)
+    return client.ApiClient(c)
+
+
+# -- the executor ----------------------------------------------------------------------------------
+class _Stream:
+    """Follows one pod's log into ``<replica>.log`` (appended; one header per attempt), echoing each line."""
+
+    def __init__(self, backend: JobBackend, namespace: str, pod: dict[str, Any], replica: str, path: Path,
+                 attempt: int, echo: Callable[[str], None], tail: deque):
+        self.backend, self.namespace, self.replica, self.path = backend, namespace, replica, path
+        self.pod, self.attempt, self.echo, self.tail = pod["metadata"]["name"], attempt, echo, tail
+        containers = pod["spec"]["containers"]
+        self.container = next((c["name"] for c in containers if c["name"] == "pytorch"), containers[0]["name"])
+        self.lines: LineStream | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._pump, daemon=True, name=f"log-{self.pod}")
+        self.thread.start()
+
+    def _pump(self) -> None:
+        from kubernetes.client import ApiException
+
+        with open(self.path, "a", buffering=1) as log:
+            log.write(f"===== attempt {self.attempt}: pod {self.pod} =====\n")
+            try:
+                self.lines = self.backend.logs(self.namespace, self.pod, self.container)
+                for line in self.lines:
+                    self.tail.append(line)
+                    log.write(line + "\n")
+                    self.echo(f"[{self.replica}] {line}")
+            except ApiException as e:
+                msg = _status(e).get("message") or e.reason
+                note = (f"(no log for pod {self.pod}: the API server answered {e.status} {msg}; "
+                        "the node serves no container logs, e.g. a virtual/kwok node, or the pod is gone)")
+                log.write(note + "\n")
+                self.echo(f"[{self.replica}] {note}")
+            except Exception as e:  # noqa: BLE001 - a broken stream never fails the stage
+                if not self.closed:
+                    log.write(f"(log stream of pod {self.pod} ended: {type(e).__name__}: {e})\n")
+
+    def close(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.closed = True
+            if self.lines is not None:
+                self.lines.close()
+            self.thread.join(2.0)
+
+
+class KubernetesExecutor:
+    """Runs PyTorchJob manifests on a cluster: create (or re-attach), follow, restart whole groups, keep logs, clean up."""
+
+    def __init__(self, config: KubernetesConfig | None = None, *, backend: JobBackend | None = None,
+                 kubeconfig: str | None = None, context: str | None = None,
+                 echo: Callable[[str], None] | None = None, poll_seconds: float = 1.0, delete_timeout: float = 120.0):
+        self.config = config or KubernetesConfig()
+        self.backend = backend or PyTorchJobBackend(kubeconfig=kubeconfig, context=context)
+        self.echo = echo if echo is not None else _print
+        self.poll_seconds = poll_seconds
+        self.delete_timeout = delete_timeout
+        self._checked: set[str] = set()
+
+    # -- public --------------------------------------------------------------------------------
+    def run(self, job: dict[str, Any], log_dir: str | Path | None = None) -> ExecutionResult:
+        """Run the job to completion on the cluster; raises StageFailed (or a ClusterError) when it fails for good."""
+        if not isinstance(job, dict):  # a kubeflow-training SDK object
+            from pipelines.render import to_dict
+
+            job = to_dict(job)
+        job = copy.deepcopy(job)
+        meta = job.setdefault("metadata", {})
+        meta["namespace"] = meta.get("namespace") or self.config.namespace
+        run = _Run(name=meta["name"], namespace=meta["namespace"])
+        run.log_dir = Path(log_dir) if log_dir else _default_log_dir(job)
+        run.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._run(job, run)
+        except ApiDenied as e:
+            raise Forbidden(run.name, run.attempt, run.outcome, e.explain()) from e
+        except ApiNotInstalled as e:
+            raise CrdMissing(run.name, run.attempt, run.outcome, str(e)) from e
+        except StageFailed:
+            raise
+        except Exception as e:
+            from kubernetes.client import ApiException
+            from urllib3.exceptions import HTTPError
+
+            if isinstance(e, ApiException):
+                status = _status(e)
+                raise ClusterError(run.name, run.attempt, run.outcome,
+                                   f"the API server answered {e.status} {status.get('reason') or e.reason}: {status.get('message') or e.body}") from e
+            if isinstance(e, HTTPError):
+                host = getattr(self.backend, "host", "the API server")
+                raise ClusterError(run.name, run.attempt, run.outcome,
+                                   f"cannot reach {host} ({type(e).__name__}: {e}): is the cluster up and the kubeconfig right?") from e
+            raise
+
+    # -- one stage -----------------------------------------------------------------------------
+    def _run(self, job: dict[str, Any], run: "_Run") -> ExecutionResult:
+        ns, name = run.namespace, run.name
+        fp = (job["metadata"].get("annotations") or {}).get(FINGERPRINT)
+        policies, backoff = self.backend.restart_policies(job)
+        deadline_s = (job["spec"].get("runPolicy") or {}).get("activeDeadlineSeconds")
+        if ns not in self._checked:
+            for w in self.backend.check(ns):
+                self.echo(f"[{name}] warning: {w}")
+            self._checked.add(ns)
+        end = time.monotonic() + self.config.timeout_seconds if self.config.timeout_seconds else None
+
+        current, run.attempt, started = self._adopt(job, run, fp, backoff)
+        while True:
+            if current is None:
+                remaining = None
+                if deadline_s:
+                    remaining = int(float(deadline_s) - (time.time() - started) + 0.999)
+                    if remaining < 1:
+                        raise StageFailed(name, run.attempt - 1, run.outcome, f"activeDeadlineSeconds={deadline_s} passed")
+                submit = self.backend.for_group_restart(job, remaining)
+                ann = submit["metadata"].setdefault("annotations", {})
+                ann[ATTEMPT], ann[STARTED] = str(run.attempt), str(int(started))
+                current = self.backend.create(submit)
+                self.echo(f"[{name}] created {self.backend.kind} {ns}/{name} (attempt {run.attempt}/{backoff + 1})")
+            state, message = self._follow(current, run, end)
+            if state == "Succeeded":
+                self._cleanup(run, succeeded=True)
+                return ExecutionResult(job=name, attempts=run.attempt, replicas=run.outcome, log_dir=run.log_dir)
+            ours = ATTEMPT in (current["metadata"].get("annotations") or {})
+            by_deadline = "deadline" in message
+            failed = [o for o in run.outcome if not o.stopped and o.exit_code not in (0, None)] or [o for o in run.outcome if not o.stopped]
+            retry = ours and not by_deadline and run.attempt <= backoff and all(
+                _restartable(policies.get(o.replica.rsplit("-", 1)[0], "OnFailure"), o.exit_code) for o in failed)
+            if not retry:
+                self._cleanup(run, succeeded=False)
+                why = f"activeDeadlineSeconds={deadline_s} passed" if by_deadline else (
+                    f"backoffLimit={backoff}" + (f"; {message}" if message else ""))
+                raise StageFailed(name, run.attempt, run.outcome, why)
+            self.echo(f"[{name}] attempt {run.attempt} failed; restarting the whole group ({run.attempt}/{backoff} restarts)")
+            self.backend.delete(ns, name, wait=self.delete_timeout)
+            current = None
+            run.attempt += 1
+
+    def _adopt(self, job: dict[str, Any], run: "_Run", fp: str | None, backoff: int) -> tuple[dict | None, int, float]:
+        """(the existing job to re-attach to or None, its attempt, start time): same name and fingerprint re-attaches."""
+        ns, name = run.namespace, run.name
+        existing = self.backend.get(ns, name)
+        if existing is None:
+            return None, 1, time.time()
+        ann = existing["metadata"].get("annotations") or {}
+        state, _ = self.backend.state(existing)
+        if existing["metadata"].get("deletionTimestamp"):
+            self.echo(f"[{name}] waiting for the deletion of the previous {ns}/{name}")
+            self.backend.delete(ns, name, wait=self.delete_timeout)
+            return None, 1, time.time()
+        if ann.get(FINGERPRINT) != fp:
+            if state not in FINISHED:
+                raise JobConflict(name, 0, [], (
+                    f"{self.backend.kind} {ns}/{name} exists and is {state or 'pending'}, but for other inputs or params "
+                    f"(fingerprint {str(ann.get(FINGERPRINT))[:12]}, this stage {str(fp)[:12]}): wait for it to finish, "
+                    f"or delete it (kubectl -n {ns} delete pytorchjob {name}) and run again"))
+            self.echo(f"[{name}] replacing the finished {ns}/{name} of other inputs or params ({state})")
+            self.backend.delete(ns, name, wait=self.delete_timeout)
+            return None, 1, time.time()
+        attempt = int(ann.get(ATTEMPT) or 1)
+        started = float(ann.get(STARTED) or time.time())
+        if state == "Failed":  # a driver stopped between attempts, or an earlier failed run: go on with a new attempt
+            self.echo(f"[{name}] the existing {ns}/{name} failed (attempt {attempt}); starting a new attempt")
+            self.backend.delete(ns, name, wait=self.delete_timeout)
+            return (None, attempt + 1, started) if attempt <= backoff else (None, 1, time.time())
+        self.echo(f"[{name}] re-attaching to {ns}/{name} ({state or 'pending'}, attempt {attempt}, uid {existing['metadata'].get('uid')})")
+        return existing, attempt, started
+
+    # -- following one attempt -----------------------------------------------------------------
+    def _follow(self, current: dict[str, Any], run: "_Run", end: float | None) -> tuple[str, str]:
+        ns, name, uid = run.namespace, run.name, current["metadata"].get("uid")
+        names = self.backend.replicas(current)
+        tails = {r: deque(maxlen=40) for r in names}
+        streams: dict[str, _Stream] = {}
+        last: dict[str, dict[str, Any]] = {}
+        pending_since: dict[str, float] = {}
+        echoed: set[tuple[str, str]] = set()
+        t0 = time.monotonic()
+        state, message = "", ""
+        try:
+            while True:
+                obj = self.backend.get(ns, name)
+                if obj is None or obj["metadata"].get("uid") != uid:
+                    raise ClusterError(name, run.attempt, self._outcome(names, last, tails, run, state),
+                                       f"{self.backend.kind} {ns}/{name} was deleted or replaced by someone else while it ran")
+                for c in (obj.get("status") or {}).get("conditions") or []:
+                    key = (c["type"], c.get("lastTransitionTime", ""))
+                    if c.get("status") == "True" and key not in echoed:
+                        echoed.add(key)
+                        self.echo(f"[{name}] {c['type']}: {c.get('message', '')}")
+                state, message = self.backend.state(obj)
+                pods = self.backend.pods(ns, obj)
+                now = time.monotonic()
+                for pod in pods:
+                    r = self.backend.replica(pod)
+                    last[r] = pod
+                    tails.setdefault(r, deque(maxlen=40))
+                    puid = pod["metadata"]["uid"]
+                    if puid not in streams and _started(pod):
+                        streams[puid] = _Stream(self.backend, ns, pod, r, run.log_dir / f"{r}.log", run.attempt, self.echo, tails[r])
+                    pulling = _image_pull_error(pod)
+                    if pulling:
+                        raise ImagePullFailed(name, run.attempt, self._outcome(names, last, tails, run, state), (
+                            f"pod {pod['metadata']['name']} ({r}) cannot pull image {pulling[0]} ({pulling[1]}: {pulling[2]}): "
+                            "check the image name and tag, that the registry is reachable from the nodes, and the pod's imagePullSecrets"))
+                    if (pod.get("status") or {}).get("phase") == "Pending":
+                        since = pending_since.setdefault(puid, now)
+                        limit = self.config.pending_timeout_seconds
+                        if limit and now - since > limit:
+                            raise PendingTimeout(name, run.attempt, self._outcome(names, last, tails, run, state), (
+                                f"pod {pod['metadata']['name']} ({r}) is still Pending after {limit:g}s (pending_timeout_seconds)"
+                                f"{_pending_reason(pod)}: check its resource requests, nodeSelector and tolerations against the "
+                                f"nodes (kubectl -n {ns} describe pod {pod['metadata']['name']})"))
+                if state in FINISHED:
+                    break
+                limit = self.config.pending_timeout_seconds
+                if not pods and not state and limit and now - t0 > limit:
+                    raise PendingTimeout(name, run.attempt, [], (
+                        f"{self.backend.kind} {ns}/{name} has no conditions and no pods after {limit:g}s: is the training "
+                        "operator running and watching this namespace? (kubectl -n kubeflow get pods; kubectl -n "
+                        f"{ns} describe pytorchjob {name})"))
+                if end is not None and now > end:
+                    raise StageTimeout(name, run.attempt, self._outcome(names, last, tails, run, state), (
+                        f"not finished after timeout_seconds={self.config.timeout_seconds:g} (state: {state or 'pending'})"))
+                time.sleep(self.poll_seconds)
+        except ClusterError as e:
+            run.outcome = e.replicas
+            for s in streams.values():
+                s.close(0.0)
+            self._give_up(run)
+            raise
+        except KeyboardInterrupt:
+            for s in streams.values():
+                s.close(0.0)
+            self.echo(f"[{name}] interrupted: {ns}/{name} keeps running; run again to re-attach, or kubectl -n {ns} delete pytorchjob {name}")
+            raise
+        for s in streams.values():
+            s.close(10.0)
+        run.outcome = self._outcome(names, last, tails, run, state)
+        return state, message
+
+    def _outcome(self, names: list[str], last: dict[str, dict], tails: dict[str, deque], run: "_Run", state: str) -> list[ReplicaOutcome]:
+        out = []
+        for r in names + sorted(set(last) - set(names)):
+            pod = last.get(r)
+            code = _exit_code(pod) if pod else None
+            out.append(ReplicaOutcome(
+                replica=r, exit_code=code, stopped=code is None and state == "Failed",
+                log=run.log_dir / f"{r}.log", last_lines=list(tails.get(r, ()))[-20:],
+            ))
+        run.pods = [p["metadata"]["name"] for p in last.values() if _exit_code(p) is None]
+        return out
+
+    # -- ending --------------------------------------------------------------------------------
+    def _cleanup(self, run: "_Run", succeeded: bool) -> None:
+        """Delete the finished job by ``cleanup`` policy; a kept failed job's still-running replicas are stopped."""
+        policy = self.config.cleanup
+        if policy == "always" or (policy == "on-success" and succeeded):
+            self.backend.delete(run.namespace, run.name, wait=self.delete_timeout)
+            return
+        if not succeeded:
+            for pod in run.pods:
+                try:
+                    self.backend.delete_pod(run.namespace, pod)
+                except ApiDenied as e:
+                    self.echo(f"[{run.name}] warning: cannot stop pod {pod}: {e.explain()}")
+                    break
+        self.echo(f"[{run.name}] kept {self.backend.kind} {run.namespace}/{run.name} (cleanup: {policy})")
+
+    def _give_up(self, run: "_Run") -> None:
+        """A job the executor gives up on while it is active is deleted (it would hold its nodes), unless cleanup is never."""
+        if self.config.cleanup == "never":
+            self.echo(f"[{run.name}] left {run.namespace}/{run.name} in place (cleanup: never)")
+            return
+        try:
+            self.backend.delete(run.namespace, run.name, wait=self.delete_timeout)
+        except Exception as e:  # noqa: BLE001 - the original error is the one to report
+            self.echo(f"[{run.name}] warning: could not delete {run.namespace}/{run.name}: {e}")
+
+
+class _Run:
+    """State of one ``run`` call (what the errors report)."""
+
+    def __init__(self, name: str, namespace: str):
+        self.name, self.namespace = name, namespace
+        self.attempt = 0
+        self.outcome: list[ReplicaOutcome] = []
+        self.pods: list[str] = []  # pods without an exit code at the end of the last attempt
+        self.log_dir = Path("logs")
+
+
+def _containers(pod: dict[str, Any]) -> Iterable[dict[str, Any]]:
+    st = pod.get("status") or {}
+    return list(st.get("initContainerStatuses") or []) + list(st.get("containerStatuses") or [])
+
+
+def _started(pod: dict[str, Any]) -> bool:
+    """Whether the main container runs or ran (its log can be followed)."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        s = cs.get("state") or {}
+        if "running" in s or "terminated" in s:
+            return True
+    return False
+
+
+def _exit_code(pod: dict[str, Any]) -> int | None:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    cs = next((c for c in statuses if c.get("name") == "pytorch"), statuses[0] if statuses else None)
+    term = ((cs or {}).get("state") or {}).get("terminated")
+    return int(term["exitCode"]) if term else None
+
+
+def _image_pull_error(pod: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(image, reason, message) of a container whose image cannot be pulled."""
+    specs = {c["name"]: c.get("image", "?") for key in ("initContainers", "containers") for c in pod["spec"].get(key) or []}
+    for cs in _containers(pod):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in IMAGE_PULL_REASONS:
+            return specs.get(cs["name"], cs.get("image", "?")), waiting["reason"], waiting.get("message", "")
+    return None
+
+
+def _pending_reason(pod: dict[str, Any]) -> str:
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("status") == "False" and c.get("message"):
+            return f" ({c['type']}={c['status']}, {c.get('reason', '')}: {c['message']})"
+    return ""
+
+
+def _default_log_dir(job: dict[str, Any]) -> Path:
+    """``<workdir>/logs`` of the stage spec the job carries, else ./logs."""
+    from pipelines.render import spec_of
+
+    try:
+        return Path(spec_of(job).outputs.workdir) / "logs"
+    except Exception:  # noqa: BLE001 - a hand-written manifest without a spec
+        return Path("logs")
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
