@@ -261,6 +261,39 @@ def render_cmd(
         out.print(str(p))
 
 
+purity_app = typer.Typer(no_args_is_help=True, help="Purity evaluation by manual rating (PartDistillation sec. 5.2, Fig. 4).")
+app.add_typer(purity_app, name="purity")
+
+
+@purity_app.command("grids")
+def purity_grids(
+    labels: Path = typer.Argument(..., help="Labels dataset: proposals with cluster ids (rank-parts, cluster-pixels, or a part model's predictions)."),
+    output: Path = typer.Option(..., "--out", "-o", help="Folder for the grids, index.html and ratings-template.csv."),
+    max_classes: Optional[int] = typer.Option(None, "--max-classes", help="Rate a seeded random subset of this many object classes."),
+    seed: int = typer.Option(0, help="Seed of the instance and class sampling."),
+) -> None:
+    """Write a 3x3 purity grid per (object class, part cluster) and an HTML page to browse and rate them."""
+    from pipelines import purity
+
+    page = _guard(purity.grids, labels, output, max_classes, seed)
+    out.print(f"wrote {page}")
+
+
+@purity_app.command("curve")
+def purity_curve(
+    ratings: list[Path] = typer.Argument(..., help="Ratings CSV files (object_class,cluster,rating), one per method."),
+    output: Path = typer.Option(Path("purity-curve.png"), "--out", "-o", help="PNG of the precision-vs-rating curves."),
+    name: Optional[list[str]] = typer.Option(None, "--name", help="Method name per ratings file, in order (default: file stem)."),
+) -> None:
+    """Plot precision vs purity rating (fraction of parts rated >= r) for one or more methods, like Fig. 4."""
+    from pipelines import purity
+
+    curves = _guard(purity.curve, ratings, output, name)
+    for method, c in curves.items():
+        out.print(f"{method}: " + "  ".join(f">={r}: {v:.3f}" for r, v in c.items()), soft_wrap=True)
+    out.print(f"wrote {output}")
+
+
 def main() -> None:
     app()
 
