@@ -195,35 +195,45 @@ def mine_instances(levels: list[Tensor], instances: list[Instance], keys: list[s
     _, cent, info = batched_kmeans(x, valid, cfg.k, iters=cfg.iters, metric=cfg.metric, seed=cfg.seed)
     nclus = info["num_clusters"].tolist()
 
+    unit = cfg.metric == "cosine"
+    # Full-resolution features once per image, for the union of its instances' pixels (detections overlap).
+    union: dict[int, tuple[Tensor, Tensor]] = {}  # image -> (row of each pixel or -1 [H, W], features [M, D])
+    for b in sorted({inst.image for inst in instances}):
+        covered = torch.stack([inst.mask for inst in instances if inst.image == b]).any(0)
+        ys, xs = torch.nonzero(covered, as_tuple=True)
+        rows = torch.full((height, width), -1, dtype=torch.long, device=covered.device)
+        rows[ys, xs] = torch.arange(ys.numel(), device=covered.device)
+        union[b] = (rows, point_features(levels, b, ys, xs, height, width, unit=unit))
+
     out: list[list[Proposal]] = []
     for i, inst in enumerate(instances):
         if bool(few[i]):
             stats.objects_fewer_points_than_k += 1
         elif nclus[i] < cfg.k:
             stats.objects_degenerate_features += 1
+        rows, feats_all = union[inst.image]
         ys, xs = torch.nonzero(inst.mask, as_tuple=True)
-        feats = point_features(levels, inst.image, ys, xs, height, width, unit=cfg.metric == "cosine")
+        feats = feats_all[rows[ys, xs]]
         c = cent[i, :max(1, nclus[i])]
+        kc = c.shape[0]
         labels = assign_to_centroids(feats, c, metric=cfg.metric)
-        if cfg.refine and c.shape[0] > 1:
+        if cfg.refine and kc > 1:
             from trainers.parts.refine import refine_labels
 
-            labels = refine_labels(images[inst.image], ys, xs, labels, c.shape[0], iters=cfg.refine_iters)
-        sim = (normalize(feats, 1) * normalize(c, 1)[labels]).sum(1)
+            labels = refine_labels(images[inst.image], ys, xs, labels, kc, iters=cfg.refine_iters)
+        unit_feats = feats if unit else normalize(feats, 1)
+        sim = (unit_feats * normalize(c, 1)[labels]).sum(1)
         area_obj = int(ys.numel())
-        props = []
-        counts = torch.bincount(labels, minlength=c.shape[0]).tolist()
-        for j, n in enumerate(counts):
-            if n == 0:
-                continue
-            if n < cfg.min_part_area * area_obj:
-                stats.proposals_too_small += 1
-                continue
-            sel = labels == j
-            m = np.zeros((height, width), dtype=bool)
-            m[ys[sel].cpu().numpy(), xs[sel].cpu().numpy()] = True
-            props.append(Proposal(object_id=inst.object_id, mask=m, score=0.0, area=n,
-                                  cohesion=float(sim[sel].mean()), object_score=inst.score))
+        counts = torch.bincount(labels, minlength=kc)
+        cohesion = torch.zeros(kc, device=sim.device).index_add_(0, labels, sim) / counts.clamp(min=1)
+        keep = (counts > 0) & (counts >= cfg.min_part_area * area_obj)
+        stats.proposals_too_small += int(((counts > 0) & ~keep).sum())
+        masks = torch.zeros((kc, height, width), dtype=torch.bool, device=labels.device)
+        masks[labels, ys, xs] = True
+        masks = masks[keep].cpu().numpy()
+        props = [Proposal(object_id=inst.object_id, mask=m, score=0.0, area=int(n), cohesion=float(h),
+                          object_score=inst.score)
+                 for m, n, h in zip(masks, counts[keep].tolist(), cohesion[keep].tolist())]
         for p in props:
             p.score = proposal_score(p, area_obj)
         stats.proposals += len(props)
