@@ -143,10 +143,12 @@ def detected_objects(pred, record: dict, cfg: PseudoLabelConfig) -> tuple[torch.
 
 def filter_parts(part_masks: torch.Tensor, part_scores: torch.Tensor, object_masks: torch.Tensor, object_ids: list,
                  cfg: PseudoLabelConfig, stats: PseudoLabelStats) -> list[dict]:
-    """PartDistillation sec. 4.2 filters on one image's part predictions (sorted by score, highest first).
+    """PartDistillation sec. 4.2 filters on one image's part predictions, best score first.
 
     Returns proposals ``{"object_id", "segmentation", "score", "area", "label": 0}``, each clipped to its instance.
     """
+    order = part_scores.argsort(descending=True, stable=True)
+    part_masks, part_scores = part_masks[order], part_scores[order]
     stats.predicted += int(part_scores.numel())
     high = part_scores > cfg.score_threshold
     stats.dropped_low_score += int((~high).sum())
