@@ -17,6 +17,8 @@ STAGES: dict[str, str] = {
     "pseudo-label": "trainers.stages.pseudo_label:run",
     "mine-parts": "trainers.stages.mine_parts:run",
     "evaluate-proposals": "trainers.stages.evaluate_proposals:run",
+    "evaluate-parts": "trainers.stages.evaluate_parts:run",
+    "cluster-pixels": "trainers.stages.cluster_pixels:run",
     "rank-parts": "trainers.stages.rank_parts:run",
     "train-ranker": "trainers.stages.train_ranker:run",
     "rank-pseudo-label": "trainers.stages.train_ranker:run_relabel",
