@@ -245,6 +245,10 @@ class PipelineConfig(_Strict):
             tracking=Tracking(mlflow_uri=self.tracking_uri(), experiment=self.tracking.experiment, dvc_remote=self.paths.dvc_remote),
         )
 
+    def promotion_for(self, model: str) -> "PromotionPolicy":
+        """The promotion rule of a registered model (one rule for all, unless a pipeline says otherwise)."""
+        return self.promotion
+
     def report(self, result: Any, lineage: Any) -> str:
         """A pipeline's final report after all stages succeeded (logged to the parent MLflow run); none by default."""
         return ""

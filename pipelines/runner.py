@@ -255,7 +255,7 @@ def _after_evaluate(cfg: PipelineConfig, spec: StageSpec, lineage: Any, run_id: 
     name, version = lineage.model_version(cand.uri)
     ok = result is not None and result.get("status") == "succeeded"
     lineage.record_evaluation(name, version, (result or {}).get("metrics") or {}, ok, run_id=run_id)
-    return lineage.promote(name, version, cfg.promotion)
+    return lineage.promote(name, version, cfg.promotion_for(name))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
