@@ -23,7 +23,8 @@ Params (defaults): ``k`` 8, ``pixels_per_instance`` 64 (seeded per instance), ``
 ``max_points_per_centroid`` 256 (faiss trains on at most k x this many pixels per class), ``objects`` "detected" |
 "gt", ``score_threshold`` 0.5, ``max_detections`` 20, ``min_object_area`` 0.01 (of the image), ``min_part_area`` 0.0
 (of the object; smaller clusters of an instance are dropped), ``feature_levels`` [0, 1], ``batch_size`` 8,
-``seed`` 0, ``shard_size`` 1000, ``use_gpu`` "auto" (faiss).
+``seed`` 0, ``shard_size`` 1000, ``use_gpu`` "auto" (faiss), ``allow_parts`` false (true: cluster an evaluation
+split, e.g. Table 2's "K-means" row measured by ``evaluate-parts``; ``parts`` are never copied to the output).
 
 Bad input is counted, never fatal: a class with fewer distinct pixels than k gets fewer clusters, a class with no
 usable pixel (every feature NaN or zero) no clusters and its instances no proposals; NaN/zero features are left out
@@ -80,6 +81,7 @@ class PixelClusterConfig:
     seed: int = 0
     shard_size: int = 1000
     use_gpu: bool | str = "auto"
+    allow_parts: bool = False
 
     @classmethod
     def from_params(cls, params: dict) -> "PixelClusterConfig":
@@ -161,7 +163,8 @@ class BatchInstances:
 def iter_groups(path: str, cfg: PixelClusterConfig, rank: int, world_size: int):
     """This rank's samples as lists of same-size ``(key, image bytes, image, record)`` of up to ``batch_size``."""
     batch = []
-    for key, raw, record in shards.iter_samples(path, rank=rank, world_size=world_size, decode=False):
+    for key, raw, record in shards.iter_samples(path, rank=rank, world_size=world_size, decode=False,
+                                                allow_parts=cfg.allow_parts):
         batch.append((key, raw, shards.decode_image(raw, key=key), record))
         if len(batch) == cfg.batch_size:
             yield from same_size_groups(batch)

@@ -106,6 +106,25 @@ def test_a_restarted_stage_reuses_its_spill_clusters_and_part(tmp_path, world, o
     assert again["cluster/proposals"] == first["cluster/proposals"] and len(samples) == 12
 
 
+def test_an_eval_split_is_clustered_with_allow_parts_and_evaluated_as_a_labels_dataset(tmp_path, world, one_rank):
+    from trainers.stages.evaluate_parts import run as evaluate
+
+    world = {**world, "eval": write_world64(tmp_path / "eval", "eval", 6, shard_size=3)}
+    with pytest.raises(shards.PartsNotAllowedError):  # without allow_parts an eval split is refused
+        run(stage_spec("cluster-pixels", tmp_path / "w0", datasets={"images": world["eval"]},
+                       models={"teacher": world["teacher"]}, dataset_out=tmp_path / "refused", nproc=1,
+                       params={"objects": "gt"}))
+    spec = stage_spec("cluster-pixels", tmp_path / "w1", datasets={"images": world["eval"]},
+                      models={"teacher": world["teacher"]}, dataset_out=tmp_path / "kmeans", nproc=1,
+                      params={"objects": "gt", "k": 4, "allow_parts": True})
+    run(spec)
+    samples = list(shards.iter_samples(tmp_path / "kmeans", decode=False))  # no part labels: readable by training
+    assert len(samples) == 6 and all("parts" not in r for _, _, r in samples)
+    m = evaluate(stage_spec("evaluate-parts", tmp_path / "w2", nproc=1, params={"settings": ["gt"]},
+                            datasets={"eval": world["eval"], "labels": tmp_path / "kmeans"})).metrics
+    assert 0 < m["eval/gt/miou"] <= 1 and m["eval/gt/num_classes"] == 3 and m["eval/images_without_labels"] == 0
+
+
 @pytest.mark.slow
 def test_two_ranks_cluster_every_class_once(tmp_path, world):
     spec = stage_spec("cluster-pixels", tmp_path / "work", datasets={"images": world["train"]},
