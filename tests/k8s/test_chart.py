@@ -1,0 +1,271 @@
+"""The Helm chart (charts/selftrain) against real helm and the real local API server.
+
+Rendered objects are accepted by the API server (PyTorchJobs by the training operator's CRD and
+webhook), pods run as non-root with requests and limits, the pipeline config the chart writes is
+valid selftrain config, the chart installs as an unprivileged user holding only the Role in its
+README, and the driver's RBAC is least privilege.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster_helpers import REPO, Cluster, kube, namespace  # noqa: F401  (fixtures)
+from pipelines import render
+from pipelines.config import load_config
+
+pytestmark = pytest.mark.cluster
+
+CHART = REPO / "charts" / "selftrain"
+USER = "selftrain-user"
+VARIANTS = {
+    "default": [],
+    "prod": ["-f", str(CHART / "ci" / "prod-values.yaml")],
+    "kueue": ["--set", "scheduling.gang=kueue", "--set", "scheduling.kueue.queueName=gpu-queue"],
+    "external-mlflow": ["--set", "mlflow.enabled=false", "--set", "mlflow.externalUri=http://mlflow.example.com:5000"],
+}
+
+
+def template(kube: Cluster, namespace: str, variant: str, release: str = "st") -> list[dict]:
+    out = kube.helm("template", release, str(CHART), "-n", namespace, *VARIANTS[variant]).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
+    return [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]) for d in docs if d["kind"] in ("Deployment", "Job")]
+
+
+def pipeline_config(docs: list[dict], tmp_path: Path):
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(cm["data"]["pipeline.yaml"])
+    return load_config(path)
+
+
+def readme_role() -> str:
+    """The installer Role exactly as charts/selftrain/README.md prints it."""
+    text = (CHART / "README.md").read_text()
+    (role,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "kind: Role" in b]
+    return role
+
+
+# -- helm lint / template ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["default", "prod"])
+def test_helm_lint_accepts_the_values(kube, variant):
+    kube.helm("lint", "--strict", str(CHART), *VARIANTS[variant])
+
+
+@pytest.mark.parametrize("bad", ["image.tagg=1", "scheduling.gang=slurm", "mlflow.workers=two",
+                                 "securityContext.allowPrivilegeEscalation=true", "podSecurityContext.runAsNonRoot=false",
+                                 "mlflow.backend.type=mysql"])
+def test_values_schema_rejects_unknown_and_mistyped_values(kube, bad):
+    p = kube.helm("template", "st", str(CHART), "--set", bad, check=False)
+    assert p.returncode != 0 and "values don't meet the specifications of the schema" in p.stderr, p.stderr
+
+
+def test_postgres_and_s3_need_their_secrets(kube):
+    p = kube.helm("template", "st", str(CHART), "--set", "mlflow.backend.type=postgres", check=False)
+    assert p.returncode != 0 and "mlflow.backend.postgres.existingSecret is required" in p.stderr
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_rendered_document_is_accepted_by_the_api_server(kube, namespace, variant):
+    docs = template(kube, namespace, variant)
+    out = kube.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", namespace, "-f", "-",
+                          input=yaml.safe_dump_all(docs)).stdout
+    assert out.count("(server dry run)") == len(docs)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_pod_runs_as_non_root_with_requests_and_limits(kube, variant):
+    pods = pod_specs(template(kube, "ns", variant))
+    assert {name.split("/")[0] for name, _ in pods} == ({"Deployment", "Job"} if variant != "external-mlflow" else {"Job"})
+    for name, spec in pods:
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001, name
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], (name, c["name"])
+            assert sc.get("privileged") is not True
+            assert c["resources"]["requests"] and c["resources"]["limits"], (name, c["name"])
+            assert {"cpu", "memory"} <= set(c["resources"]["limits"]), (name, c["name"])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_object_carries_the_app_kubernetes_io_labels(kube, variant):
+    for d in template(kube, "ns", variant, release="rel"):
+        labels = d["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "selftrain", d["metadata"]["name"]
+        assert labels["app.kubernetes.io/instance"] == "rel"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/version"] and labels["helm.sh/chart"].startswith("selftrain-")
+        if d["kind"] in ("Deployment", "Job"):
+            assert d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == "rel"
+
+
+def test_driver_job_runs_the_pipeline_in_the_cluster_with_the_driver_account(kube):
+    docs = template(kube, "ns", "default")
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    spec = job["spec"]["template"]["spec"]
+    (driver,) = spec["containers"]
+    assert driver["args"][:4] == ["run", "/config/pipeline.yaml", "--executor", "kubernetes"]
+    assert spec["serviceAccountName"] == "st-selftrain"
+    mounts = {m["mountPath"]: m["name"] for m in driver["volumeMounts"]}
+    assert mounts["/config"] == "config" and mounts["/data"] == "data" and mounts["/checkpoints"] == "checkpoints"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "st-selftrain-pipeline"
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "st-selftrain-data"
+
+
+# -- the pipeline config the chart writes ----------------------------------------------------------
+
+def _jobs(cfg, tmp_path: Path) -> list[dict]:
+    paths = render.write_manifests(cfg.stage_specs("r1"), tmp_path / "jobs", cfg.executor.kubernetes, run="r1")
+    return [render.load_manifest(p) for p in paths]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_pipeline_config_is_valid_and_its_pytorchjobs_pass_the_crd_and_webhook(kube, namespace, tmp_path, variant):
+    cfg = pipeline_config(template(kube, namespace, variant), tmp_path)
+    assert cfg.executor.kind == "kubernetes" and cfg.executor.kubernetes.namespace == namespace
+    jobs = _jobs(cfg, tmp_path)
+    out = kube.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", input=yaml.safe_dump_all(jobs)).stdout
+    assert out.count("pytorchjob.kubeflow.org/") == len(jobs)
+
+
+def test_default_values_track_to_the_chart_mlflow_and_mount_the_chart_pvcs(kube, tmp_path):
+    cfg = pipeline_config(template(kube, "ns", "default"), tmp_path)
+    k8s = cfg.executor.kubernetes
+    assert cfg.tracking_uri() == "http://st-selftrain-mlflow:5000"
+    assert (k8s.data_pvc, k8s.checkpoints_pvc, k8s.service_account) == ("st-selftrain-data", "st-selftrain-checkpoints", "st-selftrain-trainer")
+    assert (cfg.paths.data, cfg.paths.runs) == (k8s.data_mount, k8s.checkpoints_mount)  # same paths in driver and trainers
+    assert k8s.scheduling_policy == {} and k8s.labels == {}
+
+
+def test_prod_values_give_gpus_placement_and_volcano_gang_scheduling(kube, tmp_path):
+    cfg = pipeline_config(template(kube, "ns", "prod"), tmp_path)
+    job = _jobs(cfg, tmp_path)[0]
+    assert job["spec"]["runPolicy"]["schedulingPolicy"] == {"queue": "research", "priorityClass": "high-priority"}
+    for rtype in ("Master", "Worker"):
+        pod = job["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"]
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
+    assert cfg.executor.kubernetes.backoff_limit == 5  # the user's own kubernetes keys survive the chart's
+
+
+def test_kueue_puts_the_queue_label_on_every_pytorchjob(kube, tmp_path):
+    cfg = pipeline_config(template(kube, "ns", "kueue"), tmp_path)
+    for job in _jobs(cfg, tmp_path):
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        assert "schedulingPolicy" not in job["spec"]["runPolicy"]
+
+
+def test_mlflow_uses_its_own_image_sqlite_by_default_and_postgres_s3_from_secrets(kube):
+    pinned = re.search(r"^mlflow==(\S+)$", (REPO / "constraints.txt").read_text(), re.M).group(1)
+
+    def server(variant):
+        (dep,) = [d for d in template(kube, "ns", variant) if d["kind"] == "Deployment"]
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        return c, {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+
+    c, env = server("default")
+    assert c["image"] == f"ghcr.io/mlflow/mlflow:v{pinned}"
+    assert env["MLFLOW_BACKEND_STORE_URI"] == "sqlite:////mlflow/mlflow.db" and env["MLFLOW_ARTIFACTS_DESTINATION"] == "/mlflow/artifacts"
+    c, env = server("prod")
+    assert c["image"] == f"ghcr.io/mlflow/mlflow:v{pinned}-full"
+    assert env["MLFLOW_BACKEND_STORE_URI"] == {"secretKeyRef": {"name": "mlflow-postgres", "key": "uri"}}
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://ml-artifacts/selftrain"
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "mlflow-s3", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "https://minio.storage.svc:9000"
+    assert "volumeMounts" not in c or all(m["mountPath"] != "/mlflow" for m in c["volumeMounts"])
+
+
+# -- helm install as an unprivileged user ------------------------------------------------------------
+
+def _bind_pvs(kube: Cluster, ns: str, claims: list[str]) -> list[str]:
+    """The local cluster has no storage provisioner: one pre-bound PV per claim of the release."""
+    pvs = []
+    for claim in claims:
+        name = f"{ns}-{claim}"
+        kube.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+            "spec": {"capacity": {"storage": "10Ti"}, "accessModes": ["ReadWriteMany", "ReadWriteOnce"],
+                     "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                     "claimRef": {"namespace": ns, "name": claim}, "hostPath": {"path": f"/tmp/{name}"}}}))
+        pvs.append(name)
+    return pvs
+
+
+@pytest.fixture(scope="module")
+def installed(kube):
+    """The chart installed (default values) by selftrain-user holding only the README's Role."""
+    ns = kube.new_namespace("chart-test-install")
+    pvs = _bind_pvs(kube, ns, ["st-selftrain-data", "st-selftrain-checkpoints", "st-selftrain-mlflow"])
+    kube.kubectl("apply", "-n", ns, "-f", "-", input=readme_role())
+    kube.kubectl("create", "rolebinding", "selftrain-installer", "-n", ns, "--role=selftrain-installer", f"--user={USER}")
+    out = kube.helm("install", "st", str(CHART), "-n", ns, "--wait", "--wait-for-jobs", "--timeout", "120s", user=True).stdout
+    yield ns, out
+    kube.helm("uninstall", "st", "-n", ns, "--wait", "--timeout", "60s", user=True, check=False)
+    kube.delete_namespace(ns)
+    kube.kubectl("delete", "pv", *pvs, "--wait=false", "--ignore-not-found", check=False)
+
+
+def test_chart_installs_as_an_unprivileged_user_with_the_readme_role(kube, installed):
+    ns, notes = installed
+    assert "port-forward svc/st-selftrain-mlflow 5000:5000" in notes and "set_registered_model_alias" in notes
+    job = kube.get("job", "st-selftrain-driver-1", "-n", ns, user=True)
+    assert job["status"].get("succeeded") == 1
+    dep = kube.get("deployment", "st-selftrain-mlflow", "-n", ns, user=True)
+    assert dep["status"].get("availableReplicas") == 1
+    assert {"Bound"} == {c["status"]["phase"] for c in kube.get("pvc", "-n", ns, user=True)["items"]}
+
+
+def test_the_installer_role_is_namespaced_and_nothing_more_is_needed(kube, installed):
+    ns, _ = installed
+    assert "kind: ClusterRole" not in readme_role()
+    user = USER
+    assert not kube.can_i(ns, user, "list", "nodes")
+    assert not kube.can_i(ns, user, "create", "clusterroles")
+    assert not kube.can_i("default", user, "create", "deployments")
+
+
+def test_a_user_without_the_role_cannot_install(kube, namespace):
+    p = kube.helm("install", "st", str(CHART), "-n", namespace, user=True, check=False)
+    assert p.returncode != 0 and "forbidden" in p.stderr.lower()
+
+
+ALLOWED = [("create", "pytorchjobs.kubeflow.org"), ("get", "pytorchjobs.kubeflow.org"), ("list", "pytorchjobs.kubeflow.org"),
+           ("watch", "pytorchjobs.kubeflow.org"), ("delete", "pytorchjobs.kubeflow.org"),
+           ("get", "pods"), ("list", "pods"), ("watch", "pods"), ("get", "pods/log")]
+DENIED = [("update", "pytorchjobs.kubeflow.org"), ("patch", "pytorchjobs.kubeflow.org"), ("deletecollection", "pytorchjobs.kubeflow.org"),
+          ("get", "secrets"), ("list", "secrets"), ("get", "configmaps"), ("create", "pods"), ("delete", "pods"),
+          ("create", "pods/exec"), ("create", "jobs.batch"), ("create", "deployments.apps"), ("create", "roles.rbac.authorization.k8s.io"),
+          ("create", "rolebindings.rbac.authorization.k8s.io"), ("list", "nodes"), ("list", "namespaces"), ("escalate", "roles.rbac.authorization.k8s.io")]
+
+
+def test_driver_service_account_has_exactly_the_stage_permissions(kube, installed):
+    ns, _ = installed
+    sa = f"system:serviceaccount:{ns}:st-selftrain"
+    assert [a for a in ALLOWED if not kube.can_i(ns, sa, *a)] == []
+    assert [d for d in DENIED if kube.can_i(ns, sa, *d)] == []
+
+
+def test_driver_service_account_has_nothing_cluster_wide_or_in_other_namespaces(kube, installed):
+    ns, _ = installed
+    sa = f"system:serviceaccount:{ns}:st-selftrain"
+    for verb, resource in ALLOWED:
+        assert not kube.can_i(ns, sa, verb, resource, all_namespaces=True), (verb, resource)
+        assert not kube.can_i("default", sa, verb, resource), (verb, resource)
+    assert not kube.can_i(ns, sa, "list", "nodes") and not kube.can_i(ns, sa, "get", "clusterroles")
+
+
+def test_trainer_service_account_has_no_permissions_and_no_token(kube, installed):
+    ns, _ = installed
+    sa = f"system:serviceaccount:{ns}:st-selftrain-trainer"
+    assert [a for a in ALLOWED + DENIED if kube.can_i(ns, sa, *a)] == []
+    assert kube.get("serviceaccount", "st-selftrain-trainer", "-n", ns)["automountServiceAccountToken"] is False
