@@ -331,18 +331,17 @@ def reduce_metrics(stats: PixelClusterStats, summary: dict, k: int, seconds: flo
     classes = summary["classes"].values()
     per_class = [len(classes), sum(1 for c in classes if c["k"] == 0), sum(1 for c in classes if 0 < c["k"] < k),
                  sum(c["num_nan"] for c in classes), sum(c["num_zero"] for c in classes), sum(c["k"] for c in classes)]
-    totals = torch.tensor([float(getattr(stats, f.name)) for f in fields(PixelClusterStats)] + per_class,
-                          dtype=torch.float64)
-    dist.all_reduce(totals)
-    wall = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(wall, op=dist.ReduceOp.MAX)
-    values = totals.tolist()
+    mine = [float(getattr(stats, f.name)) for f in fields(PixelClusterStats)] + per_class
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (mine, seconds))  # objects: any backend (gloo or nccl), no device tensors
+    values = [sum(v) for v in zip(*(g[0] for g in gathered))]
+    wall = max(g[1] for g in gathered)
     metrics = {f"cluster/{f.name}": v for f, v in zip(fields(PixelClusterStats), values)}
     n_cls, empty, fewer, nan, zero, ksum = values[len(fields(PixelClusterStats)):]
     metrics.update({"cluster/classes": n_cls, "cluster/classes_empty": empty, "cluster/classes_fewer_than_k": fewer,
                     "cluster/features_nan": nan, "cluster/features_zero": zero,
                     "cluster/clusters_per_class": ksum / max(n_cls - empty, 1.0),
-                    "cluster/wall_seconds": float(wall.item())})
+                    "cluster/wall_seconds": float(wall)})
     return metrics
 
 

@@ -196,12 +196,12 @@ def run(spec: StageSpec) -> StageResult | None:
                             recall[s].process(record, props)
             logger.advance(len(keys))
 
-        dist.all_reduce(counts)
         gathered = [None] * d.world_size if d.is_main else None
-        dist.gather_object((clustering, recall), gathered, dst=0)
+        dist.gather_object((clustering, recall, counts), gathered, dst=0)  # objects: any backend, CPU state
         if not d.is_main:
             return None
-        for other_clustering, other_recall in gathered[1:]:
+        for other_clustering, other_recall, other_counts in gathered[1:]:
+            counts += other_counts
             for s in settings:
                 clustering[s].merge(other_clustering[s])
                 recall[s].merge(other_recall[s])
