@@ -12,6 +12,7 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -58,8 +59,11 @@ def worker(args) -> None:
         from pipelines.spec import StageSpec
         from trainers.engine import deepspeed_config
 
+        zero = {"stage": args.zero}
+        if args.bucket:
+            zero.update(reduce_bucket_size=args.bucket, allgather_bucket_size=args.bucket)
         spec = StageSpec(stage="bench", name="bench", outputs={"workdir": tempfile.gettempdir()}, resources={
-            "deepspeed": {"zero_optimization": {"stage": args.zero}, "train_micro_batch_size_per_gpu": args.batch}})
+            "deepspeed": {"zero_optimization": zero, "train_micro_batch_size_per_gpu": args.batch}})
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(spec, gpu=False),
                                                dist_init_required=False)
 
@@ -88,19 +92,29 @@ def worker(args) -> None:
         step(x, y)
     dist.barrier()
     step_s = (time.perf_counter() - t0) / args.steps
+    gc.collect()
+    rss_end = psutil.Process().memory_info().rss
+    storages, live = set(), 0  # bytes of every tensor storage Python still holds (params, grads, optimizer state, buffers)
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            st = obj.untyped_storage()
+            if st.data_ptr() not in storages:
+                storages.add(st.data_ptr())
+                live += st.nbytes()
     out = {"rank": rank, "world": world, "params": n_params, "step_s": step_s,
-           "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss_before / 2**20}
+           "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss_before / 2**20,
+           "rss_end_mb": rss_end / 2**20, "live_tensors_mb": live / 2**20}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
 
 # -- driver ------------------------------------------------------------------------------------
-def launch(mode: str, zero: int, nproc: int, args) -> list[dict]:
+def launch(mode: str, zero: int, nproc: int, bucket: int, args) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
                f"--master-port={_free_port()}", __file__, "--worker",
                "--mode", mode, "--zero", str(zero), "--steps", str(args.steps), "--width", str(args.width),
-               "--layers", str(args.layers), "--batch", str(args.batch), "--out", out]
+               "--layers", str(args.layers), "--batch", str(args.batch), "--bucket", str(bucket), "--out", out]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)),
                "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -123,6 +137,9 @@ def main() -> None:
     p.add_argument("--mode", default="deepspeed", choices=["deepspeed", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--zero", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--bucket", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--only", default="", help="comma-separated config names to run (default: all): "
+                   "torch1,ds0x1,torch2,ds0x2,ds2x2,ds2x2b,ds0x4,ds2x4b; the default leaves out the 4-rank ones")
     p.add_argument("--runs", type=int, default=3, help="runs per configuration (the median is reported)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run")
     p.add_argument("--width", type=int, default=2048, help="MLP width")
@@ -133,7 +150,13 @@ def main() -> None:
         worker(args)
         return
 
-    configs = [("torch", 0, 1), ("deepspeed", 0, 1), ("torch", 0, 2), ("deepspeed", 0, 2), ("deepspeed", 2, 2)]
+    # name: (runner, ZeRO stage, ranks, ZeRO bucket size in elements; 0 = DeepSpeed's default 5e8)
+    all_configs = {"torch1": ("torch", 0, 1, 0), "ds0x1": ("deepspeed", 0, 1, 0), "torch2": ("torch", 0, 2, 0),
+                   "ds0x2": ("deepspeed", 0, 2, 0), "ds2x2": ("deepspeed", 2, 2, 0),
+                   "ds2x2b": ("deepspeed", 2, 2, 2_000_000),
+                   "ds0x4": ("deepspeed", 0, 4, 0), "ds2x4b": ("deepspeed", 2, 4, 2_000_000)}
+    names = args.only.split(",") if args.only else [n for n in all_configs if not n.endswith("x4b") and n != "ds0x4"]
+    configs = [all_configs[n] for n in names]
     results: dict[tuple, list[list[dict]]] = {c: [] for c in configs}
     for run in range(args.runs):  # interleaved, so that load from other processes hits every config alike
         for c in configs:
@@ -144,21 +167,36 @@ def main() -> None:
         return statistics.median(reduce(r[key] for r in ranks) for ranks in results[c])
 
     params = results[configs[0]][0][0]["params"]
+    print(json.dumps({"args": vars(args), "results": [[list(c), results[c]] for c in configs]}), file=sys.stderr)
     print(f"\nMLP {args.layers} x {args.width}^2 ({params / 1e6:.1f}M params, fp32, AdamW), micro-batch {args.batch}, "
           f"{args.steps} timed steps, median of {args.runs} runs\n")
-    print("| runner | ranks | ZeRO | step time (s) | peak RSS per rank (MB) | RSS before model (MB) | training state (MB) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| runner | ranks | ZeRO (buckets) | step time (s) | peak RSS per rank (MB) | RSS before model (MB) "
+          "| peak - before (MB) | RSS after training - before (MB) | live tensors after training (MB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for c in configs:
         peak, before = med(c, "maxrss_mb"), med(c, "rss_before_mb")
-        print(f"| {'DeepSpeed engine' if c[0] == 'deepspeed' else 'bare torch' + (' DDP' if c[2] > 1 else '')} | {c[2]} "
-              f"| {c[1] if c[0] == 'deepspeed' else '-'} | {med(c, 'step_s'):.3f} | {peak:.0f} | {before:.0f} | {peak - before:.0f} |")
-    z0, z2 = ("deepspeed", 0, 2), ("deepspeed", 2, 2)
-    state = {c: med(c, "maxrss_mb") - med(c, "rss_before_mb") for c in (z0, z2)}
-    print(f"\nZeRO-2 / ZeRO-0 per-rank peak RSS (2 ranks): {med(z2, 'maxrss_mb') / med(z0, 'maxrss_mb'):.2f}; "
-          f"training state only: {state[z2] / state[z0]:.2f}")
+        runner = "DeepSpeed engine" if c[0] == "deepspeed" else "bare torch" + (" DDP" if c[2] > 1 else "")
+        zero = f"{c[1]} ({c[3]:.0e})" if c[3] else (str(c[1]) if c[0] == "deepspeed" else "-")
+        end = med(c, "rss_end_mb") - before if "rss_end_mb" in results[c][0][0] else float("nan")
+        live = med(c, "live_tensors_mb") if "live_tensors_mb" in results[c][0][0] else float("nan")
+        print(f"| {runner} | {c[2]} | {zero} | {med(c, 'step_s'):.3f} | {peak:.0f} | {before:.0f} | {peak - before:.0f} "
+              f"| {end:.0f} | {live:.0f} |")
+    have = set(configs)
+    for n in (2, 4):
+        z0 = ("deepspeed", 0, n, 0)
+        for z2 in (("deepspeed", 2, n, 0), ("deepspeed", 2, n, 2_000_000)):
+            if z0 in have and z2 in have:
+                state = {c: med(c, "maxrss_mb") - med(c, "rss_before_mb") for c in (z0, z2)}
+                end = {c: med(c, "rss_end_mb") - med(c, "rss_before_mb") for c in (z0, z2)}
+                print(f"\nZeRO-2{' (small buckets)' if z2[3] else ''} / ZeRO-0, {n} ranks: per-rank peak RSS "
+                      f"{med(z2, 'maxrss_mb') / med(z0, 'maxrss_mb'):.2f}; peak training state {state[z2] / state[z0]:.2f}; "
+                      f"training state after the steps {end[z2] / end[z0]:.2f}; live tensors "
+                      f"{med(z2, 'live_tensors_mb') / med(z0, 'live_tensors_mb'):.2f}")
     for n in (1, 2):
-        ratio = med(("deepspeed", 0, n), "step_s") / med(("torch", 0, n), "step_s")
-        print(f"DeepSpeed ZeRO-0 / bare torch step time ({n} rank{'s' if n > 1 else ''}): {ratio:.2f}")
+        ds, pt = ("deepspeed", 0, n, 0), ("torch", 0, n, 0)
+        if ds in have and pt in have:
+            print(f"DeepSpeed ZeRO-0 / bare torch step time ({n} rank{'s' if n > 1 else ''}): "
+                  f"{med(ds, 'step_s') / med(pt, 'step_s'):.2f}")
 
 
 if __name__ == "__main__":

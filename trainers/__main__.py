@@ -50,6 +50,10 @@ def run(stage: str, spec: StageSpec) -> StageResult | None:
     result = get_stage(stage)(spec)
     if int(os.environ.get("RANK", "0")) == 0 and result is not None:
         write_result(spec, result)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears the process group down while rank 0 still writes its outputs
     return result
 
 
