@@ -69,3 +69,25 @@ def test_base_rbac_is_least_privilege(kube: Cluster, namespace):
     assert [d for d in denied if kube.can_i(namespace, driver, *d)] == []
     assert [a for a in allowed if kube.can_i(namespace, driver, *a, all_namespaces=True)] == []
     assert [a for a in allowed + denied if kube.can_i(namespace, trainer, *a)] == []
+
+
+def test_the_base_objects_and_the_first_stage_run_it_to_success(kube: Cluster, namespace, tmp_path):
+    """base/ (RBAC, PVCs) + pipeline/00: the job's pods are scheduled with its PVCs and account, and it succeeds."""
+    claims = [d["metadata"]["name"] for d in in_namespace(MANIFESTS / "base" / "02-pvcs.yaml", namespace)]
+    pvs = [f"{namespace}-{c}" for c in claims]
+    try:
+        for pv, claim in zip(pvs, claims):  # the local cluster has no provisioner: pre-bound volumes
+            kube.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+                "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                "spec": {"capacity": {"storage": "1Ti"}, "accessModes": ["ReadWriteMany", "ReadWriteOnce"], "storageClassName": "",
+                         "persistentVolumeReclaimPolicy": "Retain", "claimRef": {"namespace": namespace, "name": claim},
+                         "hostPath": {"path": f"/tmp/{pv}"}}}))
+        for f in ("01-rbac.yaml", "02-pvcs.yaml"):
+            kube.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(in_namespace(MANIFESTS / "base" / f, namespace)))
+        job = tmp_path / "00.yaml"
+        job.write_text(yaml.safe_dump_all(in_namespace(MANIFESTS / "pipeline" / "00-instance-teacher.yaml", namespace)))
+        kube.kubectl("apply", "-f", str(job))
+        kube.kubectl("wait", "--for=condition=Succeeded", "--timeout=90s", "-f", str(job), timeout=120)
+    finally:
+        kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        kube.kubectl("delete", "pv", *pvs, "--wait=false", "--ignore-not-found", check=False)
