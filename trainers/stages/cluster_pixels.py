@@ -38,7 +38,6 @@ Metrics (summed over ranks): ``cluster/images``, ``cluster/images_without_object
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, fields

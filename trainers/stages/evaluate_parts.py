@@ -48,8 +48,8 @@ from trainers.engine import MetricLogger, init_distributed
 from trainers.evaluation import PartClusteringEvaluator, PartProposalRecall, paint_label_map
 from trainers.evaluation.clustering import NONE
 from trainers.stages import StageResult
-from trainers.stages.common import StageInputError, dataset_input, images_to_tensor, iter_batches, model_input_path, \
-    load_model_input, stage_device
+from trainers.stages.common import (StageInputError, dataset_input, images_to_tensor, iter_batches, load_model_input,
+                                    model_input_path, stage_device)
 from trainers.stages.evaluate_proposals import MAX_DETS, metric_key, stored_proposals
 from trainers.structures import decode_mask, encode_masks
 

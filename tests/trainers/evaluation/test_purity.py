@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
-from stage_helpers import WORLD64  # noqa: E402
-
-from trainers.data import shards  # noqa: E402
-from trainers.data.partworld import category_table, generate  # noqa: E402
-from trainers.evaluation.purity import (GRID, TILE, PAD, CAPTION, RatingsError, load_ratings, make_purity_grids,  # noqa: E402
+from trainers.data import shards
+from trainers.data.partworld import PartWorldConfig, category_table, generate
+from trainers.evaluation.purity import (CAPTION, GRID, PAD, TILE, RatingsError, load_ratings, make_purity_grids,
                                         plot_precision_curve, precision_curve, sample_part_clusters)
+
+WORLD64 = PartWorldConfig(image_size=64, num_classes=3, num_part_types=4, min_parts=2, max_parts=3, max_instances=2,
+                          min_object_area=32, max_distractors=0)
 
 
 def gt_parts_as_labels(samples):

@@ -140,3 +140,21 @@ def test_two_ranks_cluster_every_class_once(tmp_path, world):
     check_labels(samples, lmap, k=4)
     work = next((tmp_path / "work").glob("cluster-pixels-*"))
     assert sorted(p.name for p in (work / "clusters").glob("class-*.npz")) == [f"class-{c}.npz" for c in (1, 2, 3)]
+
+
+@pytest.mark.slow
+def test_the_one_stage_baseline_self_trains_on_the_labels_and_is_evaluated(tmp_path, world, one_rank):
+    """Sec. 5 baseline (2) end to end: cluster-pixels -> train-ranker (from the instance teacher) -> evaluate-parts."""
+    from trainers.stages.evaluate_parts import run as evaluate
+
+    cluster(tmp_path, world, name="labels", k=3)
+    run_stage(stage_spec("train-ranker", tmp_path / "w-train", datasets={"ranked_parts": tmp_path / "labels"},
+                         models={"parts": world["teacher"]}, nproc=1, zero=0, micro=4,
+                         params={"steps": 4, "lr": 1e-3, "warmup_steps": 0, "checkpoint_every": 4}), nproc=1)
+    model = result(tmp_path / "w-train")["model_path"]
+    eval_split = write_world64(tmp_path / "eval", "eval", 4, shard_size=2)
+    m = evaluate(stage_spec("evaluate-parts", tmp_path / "w-eval", datasets={"eval": eval_split},
+                            models={"candidate": model, "instance_teacher": world["teacher"]}, nproc=1,
+                            params={"object_score_threshold": 0.0, "max_detections": 2})).metrics
+    assert all(0.0 <= m[f"eval/{s}/{k}"] <= 1.0 for s in ("gt", "pred") for k in ("nmi", "ari", "miou", "AR_200"))
+    assert (tmp_path / "w-eval" / "per_class.json").exists()
