@@ -123,6 +123,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--objects", choices=("gt", "detected"), default="gt")
+    ap.add_argument("--score-threshold", type=float, default=0.5, help="detections kept above it (--objects detected)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "benchmarks/out/bench_mining.json"))
     args = ap.parse_args(argv)
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(1)
     model, teacher = load_teacher(args.teacher)
-    cfg = MiningConfig(objects=args.objects, batch_size=args.batch_size)
+    cfg = MiningConfig(objects=args.objects, batch_size=args.batch_size, score_threshold=args.score_threshold)
     data = batches(args.data, args.images, args.batch_size)
     run_mining(model, data[:1], cfg)  # warm-up
     runs = [run_mining(model, data, cfg) for _ in range(args.repeats)]
@@ -146,7 +147,7 @@ def main(argv=None) -> dict:
 
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     doc = {
-        "benchmark": "bench_mining", "teacher": teacher, "data": args.data, "objects": args.objects,
+        "benchmark": "bench_mining", "teacher": teacher, "data": args.data, "objects": args.objects, "score_threshold": args.score_threshold,
         "images": args.images, "batch_size": args.batch_size, "repeats": args.repeats, "threads": 1,
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "loadavg": os.getloadavg()},
