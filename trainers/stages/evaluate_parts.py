@@ -27,7 +27,8 @@ over classes), ``eval/<s>/miou`` (majority mapping of clusters to parts, class m
 ``eval/num_images``, ``eval/pred/objects_per_image`` (detections kept). **Promotion metric: ``eval/gt/miou``.**
 
 Per-class values (NMI, ARI, mIoU both ways, IoU per part, by class id and name) go to
-``<workdir>/per_class.json``: ``{"gt": {"<class id>": {...}}, "pred": {...}}``.
+``<workdir>/per_class.json`` (also an artifact of the stage's MLflow run): ``{"gt": {"<class id>": {...}},
+"pred": {...}}``.
 
 Params (defaults): ``settings`` ["gt", "pred"], ``max_dets`` [1, 10, 50, 100, 200], ``object_score_threshold`` 0.5,
 ``max_detections`` 20, ``batch_size`` 8.
@@ -217,8 +218,13 @@ def run(spec: StageSpec) -> StageResult | None:
             metrics.update({metric_key(k).replace("eval/", f"eval/{s}/", 1): v for k, v in recall[s].evaluate().items()})
             per_class[s] = {str(c): {"name": names.get(c, str(c)), **_jsonable(v)}
                             for c, v in clustering[s].per_class().items()}
-        write_atomic(Path(spec.outputs.workdir) / PER_CLASS_FILE, json.dumps(per_class, indent=1, sort_keys=True))
+        per_class_path = write_atomic(Path(spec.outputs.workdir) / PER_CLASS_FILE,
+                                      json.dumps(per_class, indent=1, sort_keys=True))
         logger.log(0, metrics)
+        if spec.tracking.run_id is not None:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri=spec.tracking.mlflow_uri).log_artifact(spec.tracking.run_id, str(per_class_path))
     finally:
         logger.close()
     return StageResult(metrics=metrics)

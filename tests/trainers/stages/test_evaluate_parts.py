@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from runtime_helpers import free_port, run_stage
-from stage_helpers import TINY_MODEL, WORLD64, result, stage_spec, tiny_segmenter_file, write_world64
+from stage_helpers import TINY_MODEL, WORLD64, mlflow_run, result, stage_spec, tiny_segmenter_file, write_world64
 from trainers.data import shards
 from trainers.data.partworld import category_table, generate
 from trainers.models.config import DecoderConfig, EncoderConfig, SegmenterConfig
@@ -80,6 +80,16 @@ def test_labels_equal_to_the_gt_parts_score_one_in_both_settings(tmp_path, world
     per_class = json.loads((tmp_path / "w" / "per_class.json").read_text())
     assert set(per_class) == {"gt", "pred"} and set(per_class["gt"]) == {"1", "2", "3"}
     assert all(v["nmi"] == pytest.approx(1.0) and v["name"] for v in per_class["gt"].values())
+
+
+def test_metrics_and_per_class_values_go_to_the_stage_run(tmp_path, world, one_rank):
+    uri, run_id, client = mlflow_run(tmp_path)
+    spec = stage_spec("evaluate-parts", tmp_path / "w", datasets={"eval": world["eval"], "labels": world["labels"]},
+                      nproc=1, params={"settings": ["gt"]}, mlflow_uri=uri, run_id=run_id)
+    run(spec)
+    logged = client.get_run(run_id).data.metrics
+    assert logged["eval/gt/miou"] == pytest.approx(1.0) and "eval/gt/AR_200" in logged
+    assert [a.path for a in client.list_artifacts(run_id)] == ["per_class.json"]
 
 
 def test_shuffled_cluster_ids_score_lower(tmp_path, world, one_rank):
