@@ -288,6 +288,19 @@ def relabel(model, images: torch.Tensor, objects: list[tuple[torch.Tensor, list,
     return result
 
 
+def _relabel_fingerprint(spec: StageSpec, cfg: RankPartsConfig, d) -> str:
+    """What a rank's relabelled part depends on: input shards, model files, params, (rank, world size)."""
+    import hashlib
+
+    from trainers.stages.pseudo_label import _file_sha256
+
+    names = ["ranker"] + (["instance_teacher"] if cfg.objects == "detected" else [])
+    doc = {"images": [s["sha256"] for s in shards.DatasetIndex.load(spec.inputs.datasets["images"].path).shards],
+           "models": {n: _file_sha256(model_input_path(spec, n)) for n in names}, "params": dataclasses.asdict(cfg),
+           "rank": d.rank, "world_size": d.world_size}
+    return "rank-pseudo-label:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def run_relabel(spec: StageSpec) -> StageResult | None:
     """Stage ``rank-pseudo-label``: this rank's share relabelled by the ranker into ``<out>/rank-<r>``; rank 0 merges."""
     cfg = RankPartsConfig.from_params(spec.params)
@@ -318,9 +331,20 @@ def run_relabel(spec: StageSpec) -> StageResult | None:
                 yield key, blob, {**{k: v for k, v in record.items() if k not in ("parts", "proposals")},
                                   "proposals": props}
 
-    shards.write_dataset(samples(), shards.part_dir(out, d.rank), name=f"{index.name}-ranked-parts",
-                         split=index.split, categories=index.categories, shard_size=cfg.shard_size,
-                         source=f"rank-pseudo-label:{spec.name}")
+    part = shards.part_dir(out, d.rank)
+    source = _relabel_fingerprint(spec, cfg, d)
+    done = part / "rank_pseudo_label.json"
+    try:
+        skip = shards.DatasetIndex.load(part).source == source and done.is_file()
+    except shards.DataError:
+        skip = False
+    if skip:  # a rerun for the same inputs and params: this rank's part is complete
+        stats = RankPartsStats(**json.loads(done.read_text()))
+    else:
+        done.unlink(missing_ok=True)
+        shards.write_dataset(samples(), part, name=f"{index.name}-ranked-parts", split=index.split,
+                             categories=index.categories, shard_size=cfg.shard_size, source=source)
+        write_atomic(done, json.dumps(dataclasses.asdict(stats)))
     gathered = [dataclasses.asdict(stats)]
     if dist.is_initialized() and d.world_size > 1:
         gathered = [None] * d.world_size

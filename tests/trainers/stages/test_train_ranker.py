@@ -154,6 +154,10 @@ def test_rank_pseudo_label_writes_the_next_rounds_labels(tmp_path, ranked, ranke
             assert p["category_id"] == objects[p["object_id"]]["category_id"]
             assert 0 <= p["label"] < lmap.num_clusters[p["category_id"]]
             assert decode_mask(p["segmentation"]).sum() >= 0.05 * objects[p["object_id"]]["area"]
+    written = (shards.part_dir(tmp_path / "relabelled", 0) / "index.json").stat().st_mtime_ns
+    again = run_relabel(spec).metrics  # a rerun for the same inputs keeps the complete part
+    assert (shards.part_dir(tmp_path / "relabelled", 0) / "index.json").stat().st_mtime_ns == written
+    assert again["rank_pseudo_label/labelled"] == m["rank_pseudo_label/labelled"]
 
 
 @pytest.mark.slow
