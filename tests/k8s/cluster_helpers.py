@@ -1,6 +1,6 @@
 """kubectl and helm against the local control plane of tests/cluster, as admin or as the unprivileged selftrain-user.
 
-Import the fixtures (``kube``, ``namespace``) into a test module; conftest.py's ``cluster`` starts the control plane.
+conftest.py's ``cluster`` fixture starts the control plane and returns a :class:`Cluster`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-IN_CI = os.environ.get("CI", "").lower() == "true"
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
 
 
 def unavailable(reason: str) -> None:
@@ -60,22 +60,17 @@ class Cluster:
     def delete_namespace(self, ns: str) -> None:
         self.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
 
+    def __getitem__(self, name: str) -> str:
+        """The cluster's environment (KUBECONFIG_ADMIN, KUBECONFIG_USER, PATH, ...)."""
+        return self.env[name]
+
     def get(self, *args: str, user: bool = False) -> dict:
         return json.loads(self.kubectl("get", *args, "-o", "json", user=user).stdout)
 
 
-@pytest.fixture(scope="session")
-def kube(cluster: dict[str, str]) -> Cluster:
-    """kubectl and helm of the running control plane (conftest.py's ``cluster`` starts it; CI fails, never skips)."""
-    bin_dir = Path(cluster["SELFTRAIN_CLUSTER_CACHE"]) / "bin" if "SELFTRAIN_CLUSTER_CACHE" in cluster else None
-    if bin_dir is None or not all((bin_dir / t).is_file() for t in ("kubectl", "helm")):
-        unavailable(f"kubectl/helm not found in {bin_dir} after tests/cluster/up")
-    return Cluster(admin=Path(cluster["KUBECONFIG_ADMIN"]), user=Path(cluster["KUBECONFIG_USER"]), bin=bin_dir, env=cluster)
-
-
 @pytest.fixture
-def namespace(kube: Cluster):
-    """A fresh namespace of this test, deleted afterwards."""
-    ns = kube.new_namespace("chart-test")
+def namespace(cluster: Cluster):
+    """A fresh namespace ``chart-test-<id>`` of this test, deleted afterwards (import it into a test module)."""
+    ns = cluster.new_namespace("chart-test")
     yield ns
-    kube.delete_namespace(ns)
+    cluster.delete_namespace(ns)

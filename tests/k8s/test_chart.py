@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster_helpers import REPO, Cluster, kube, namespace  # noqa: F401  (fixtures)
+from cluster_helpers import REPO, Cluster, namespace  # noqa: F401  (fixture)
 from pipelines import render
 from pipelines.config import load_config
 
@@ -29,8 +29,8 @@ VARIANTS = {
 }
 
 
-def template(kube: Cluster, namespace: str, variant: str, release: str = "st") -> list[dict]:
-    out = kube.helm("template", release, str(CHART), "-n", namespace, *VARIANTS[variant]).stdout
+def template(cluster: Cluster, namespace: str, variant: str, release: str = "st") -> list[dict]:
+    out = cluster.helm("template", release, str(CHART), "-n", namespace, *VARIANTS[variant]).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -55,34 +55,34 @@ def readme_role() -> str:
 # -- helm lint / template ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["default", "prod"])
-def test_helm_lint_accepts_the_values(kube, variant):
-    kube.helm("lint", "--strict", str(CHART), *VARIANTS[variant])
+def test_helm_lint_accepts_the_values(cluster, variant):
+    cluster.helm("lint", "--strict", str(CHART), *VARIANTS[variant])
 
 
 @pytest.mark.parametrize("bad", ["image.tagg=1", "scheduling.gang=slurm", "mlflow.workers=two",
                                  "securityContext.allowPrivilegeEscalation=true", "podSecurityContext.runAsNonRoot=false",
                                  "mlflow.backend.type=mysql"])
-def test_values_schema_rejects_unknown_and_mistyped_values(kube, bad):
-    p = kube.helm("template", "st", str(CHART), "--set", bad, check=False)
+def test_values_schema_rejects_unknown_and_mistyped_values(cluster, bad):
+    p = cluster.helm("template", "st", str(CHART), "--set", bad, check=False)
     assert p.returncode != 0 and "values don't meet the specifications of the schema" in p.stderr, p.stderr
 
 
-def test_postgres_and_s3_need_their_secrets(kube):
-    p = kube.helm("template", "st", str(CHART), "--set", "mlflow.backend.type=postgres", check=False)
+def test_postgres_and_s3_need_their_secrets(cluster):
+    p = cluster.helm("template", "st", str(CHART), "--set", "mlflow.backend.type=postgres", check=False)
     assert p.returncode != 0 and "mlflow.backend.postgres.existingSecret is required" in p.stderr
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_rendered_document_is_accepted_by_the_api_server(kube, namespace, variant):
-    docs = template(kube, namespace, variant)
-    out = kube.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", namespace, "-f", "-",
+def test_every_rendered_document_is_accepted_by_the_api_server(cluster, namespace, variant):
+    docs = template(cluster, namespace, variant)
+    out = cluster.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", namespace, "-f", "-",
                           input=yaml.safe_dump_all(docs)).stdout
     assert out.count("(server dry run)") == len(docs)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_pod_runs_as_non_root_with_requests_and_limits(kube, variant):
-    pods = pod_specs(template(kube, "ns", variant))
+def test_every_pod_runs_as_non_root_with_requests_and_limits(cluster, variant):
+    pods = pod_specs(template(cluster, "ns", variant))
     assert {name.split("/")[0] for name, _ in pods} == ({"Deployment", "Job"} if variant != "external-mlflow" else {"Job"})
     for name, spec in pods:
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001, name
@@ -95,8 +95,8 @@ def test_every_pod_runs_as_non_root_with_requests_and_limits(kube, variant):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_object_carries_the_app_kubernetes_io_labels(kube, variant):
-    for d in template(kube, "ns", variant, release="rel"):
+def test_every_object_carries_the_app_kubernetes_io_labels(cluster, variant):
+    for d in template(cluster, "ns", variant, release="rel"):
         labels = d["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "selftrain", d["metadata"]["name"]
         assert labels["app.kubernetes.io/instance"] == "rel"
@@ -106,8 +106,8 @@ def test_every_object_carries_the_app_kubernetes_io_labels(kube, variant):
             assert d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == "rel"
 
 
-def test_driver_job_runs_the_pipeline_in_the_cluster_with_the_driver_account(kube):
-    docs = template(kube, "ns", "default")
+def test_driver_job_runs_the_pipeline_in_the_cluster_with_the_driver_account(cluster):
+    docs = template(cluster, "ns", "default")
     (job,) = [d for d in docs if d["kind"] == "Job"]
     spec = job["spec"]["template"]["spec"]
     (driver,) = spec["containers"]
@@ -128,16 +128,16 @@ def _jobs(cfg, tmp_path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_the_pipeline_config_is_valid_and_its_pytorchjobs_pass_the_crd_and_webhook(kube, namespace, tmp_path, variant):
-    cfg = pipeline_config(template(kube, namespace, variant), tmp_path)
+def test_the_pipeline_config_is_valid_and_its_pytorchjobs_pass_the_crd_and_webhook(cluster, namespace, tmp_path, variant):
+    cfg = pipeline_config(template(cluster, namespace, variant), tmp_path)
     assert cfg.executor.kind == "kubernetes" and cfg.executor.kubernetes.namespace == namespace
     jobs = _jobs(cfg, tmp_path)
-    out = kube.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", input=yaml.safe_dump_all(jobs)).stdout
+    out = cluster.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", input=yaml.safe_dump_all(jobs)).stdout
     assert out.count("pytorchjob.kubeflow.org/") == len(jobs)
 
 
-def test_default_values_track_to_the_chart_mlflow_and_mount_the_chart_pvcs(kube, tmp_path):
-    cfg = pipeline_config(template(kube, "ns", "default"), tmp_path)
+def test_default_values_track_to_the_chart_mlflow_and_mount_the_chart_pvcs(cluster, tmp_path):
+    cfg = pipeline_config(template(cluster, "ns", "default"), tmp_path)
     k8s = cfg.executor.kubernetes
     assert cfg.tracking_uri() == "http://st-selftrain-mlflow:5000"
     assert (k8s.data_pvc, k8s.checkpoints_pvc, k8s.service_account) == ("st-selftrain-data", "st-selftrain-checkpoints", "st-selftrain-trainer")
@@ -145,8 +145,8 @@ def test_default_values_track_to_the_chart_mlflow_and_mount_the_chart_pvcs(kube,
     assert k8s.scheduling_policy == {} and k8s.labels == {}
 
 
-def test_prod_values_give_gpus_placement_and_volcano_gang_scheduling(kube, tmp_path):
-    cfg = pipeline_config(template(kube, "ns", "prod"), tmp_path)
+def test_prod_values_give_gpus_placement_and_volcano_gang_scheduling(cluster, tmp_path):
+    cfg = pipeline_config(template(cluster, "ns", "prod"), tmp_path)
     job = _jobs(cfg, tmp_path)[0]
     assert job["spec"]["runPolicy"]["schedulingPolicy"] == {"queue": "research", "priorityClass": "high-priority"}
     for rtype in ("Master", "Worker"):
@@ -158,18 +158,18 @@ def test_prod_values_give_gpus_placement_and_volcano_gang_scheduling(kube, tmp_p
     assert cfg.executor.kubernetes.backoff_limit == 5  # the user's own kubernetes keys survive the chart's
 
 
-def test_kueue_puts_the_queue_label_on_every_pytorchjob(kube, tmp_path):
-    cfg = pipeline_config(template(kube, "ns", "kueue"), tmp_path)
+def test_kueue_puts_the_queue_label_on_every_pytorchjob(cluster, tmp_path):
+    cfg = pipeline_config(template(cluster, "ns", "kueue"), tmp_path)
     for job in _jobs(cfg, tmp_path):
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
         assert "schedulingPolicy" not in job["spec"]["runPolicy"]
 
 
-def test_mlflow_uses_its_own_image_sqlite_by_default_and_postgres_s3_from_secrets(kube):
+def test_mlflow_uses_its_own_image_sqlite_by_default_and_postgres_s3_from_secrets(cluster):
     pinned = re.search(r"^mlflow==(\S+)$", (REPO / "constraints.txt").read_text(), re.M).group(1)
 
     def server(variant):
-        (dep,) = [d for d in template(kube, "ns", variant) if d["kind"] == "Deployment"]
+        (dep,) = [d for d in template(cluster, "ns", variant) if d["kind"] == "Deployment"]
         c = dep["spec"]["template"]["spec"]["containers"][0]
         return c, {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
 
@@ -187,12 +187,12 @@ def test_mlflow_uses_its_own_image_sqlite_by_default_and_postgres_s3_from_secret
 
 # -- helm install as an unprivileged user ------------------------------------------------------------
 
-def _bind_pvs(kube: Cluster, ns: str, claims: list[str]) -> list[str]:
+def _bind_pvs(cluster: Cluster, ns: str, claims: list[str]) -> list[str]:
     """The local cluster has no storage provisioner: one pre-bound PV per claim of the release."""
     pvs = []
     for claim in claims:
         name = f"{ns}-{claim}"
-        kube.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump({
             "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
             "spec": {"capacity": {"storage": "10Ti"}, "accessModes": ["ReadWriteMany", "ReadWriteOnce"],
                      "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
@@ -202,40 +202,40 @@ def _bind_pvs(kube: Cluster, ns: str, claims: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def installed(kube):
+def installed(cluster):
     """The chart installed (default values) by selftrain-user holding only the README's Role."""
-    ns = kube.new_namespace("chart-test-install")
-    pvs = _bind_pvs(kube, ns, ["st-selftrain-data", "st-selftrain-checkpoints", "st-selftrain-mlflow"])
-    kube.kubectl("apply", "-n", ns, "-f", "-", input=readme_role())
-    kube.kubectl("create", "rolebinding", "selftrain-installer", "-n", ns, "--role=selftrain-installer", f"--user={USER}")
-    out = kube.helm("install", "st", str(CHART), "-n", ns, "--wait", "--wait-for-jobs", "--timeout", "120s", user=True).stdout
+    ns = cluster.new_namespace("chart-test-install")
+    pvs = _bind_pvs(cluster, ns, ["st-selftrain-data", "st-selftrain-checkpoints", "st-selftrain-mlflow"])
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=readme_role())
+    cluster.kubectl("create", "rolebinding", "selftrain-installer", "-n", ns, "--role=selftrain-installer", f"--user={USER}")
+    out = cluster.helm("install", "st", str(CHART), "-n", ns, "--wait", "--wait-for-jobs", "--timeout", "120s", user=True).stdout
     yield ns, out
-    kube.helm("uninstall", "st", "-n", ns, "--wait", "--timeout", "60s", user=True, check=False)
-    kube.delete_namespace(ns)
-    kube.kubectl("delete", "pv", *pvs, "--wait=false", "--ignore-not-found", check=False)
+    cluster.helm("uninstall", "st", "-n", ns, "--wait", "--timeout", "60s", user=True, check=False)
+    cluster.delete_namespace(ns)
+    cluster.kubectl("delete", "pv", *pvs, "--wait=false", "--ignore-not-found", check=False)
 
 
-def test_chart_installs_as_an_unprivileged_user_with_the_readme_role(kube, installed):
+def test_chart_installs_as_an_unprivileged_user_with_the_readme_role(cluster, installed):
     ns, notes = installed
     assert "port-forward svc/st-selftrain-mlflow 5000:5000" in notes and "set_registered_model_alias" in notes
-    job = kube.get("job", "st-selftrain-driver-1", "-n", ns, user=True)
+    job = cluster.get("job", "st-selftrain-driver-1", "-n", ns, user=True)
     assert job["status"].get("succeeded") == 1
-    dep = kube.get("deployment", "st-selftrain-mlflow", "-n", ns, user=True)
+    dep = cluster.get("deployment", "st-selftrain-mlflow", "-n", ns, user=True)
     assert dep["status"].get("availableReplicas") == 1
-    assert {"Bound"} == {c["status"]["phase"] for c in kube.get("pvc", "-n", ns, user=True)["items"]}
+    assert {"Bound"} == {c["status"]["phase"] for c in cluster.get("pvc", "-n", ns, user=True)["items"]}
 
 
-def test_the_installer_role_is_namespaced_and_nothing_more_is_needed(kube, installed):
+def test_the_installer_role_is_namespaced_and_nothing_more_is_needed(cluster, installed):
     ns, _ = installed
     assert "kind: ClusterRole" not in readme_role()
     user = USER
-    assert not kube.can_i(ns, user, "list", "nodes")
-    assert not kube.can_i(ns, user, "create", "clusterroles")
-    assert not kube.can_i("default", user, "create", "deployments")
+    assert not cluster.can_i(ns, user, "list", "nodes")
+    assert not cluster.can_i(ns, user, "create", "clusterroles")
+    assert not cluster.can_i("default", user, "create", "deployments")
 
 
-def test_a_user_without_the_role_cannot_install(kube, namespace):
-    p = kube.helm("install", "st", str(CHART), "-n", namespace, user=True, check=False)
+def test_a_user_without_the_role_cannot_install(cluster, namespace):
+    p = cluster.helm("install", "st", str(CHART), "-n", namespace, user=True, check=False)
     assert p.returncode != 0 and "forbidden" in p.stderr.lower()
 
 
@@ -248,24 +248,24 @@ DENIED = [("update", "pytorchjobs.kubeflow.org"), ("patch", "pytorchjobs.kubeflo
           ("create", "rolebindings.rbac.authorization.k8s.io"), ("list", "nodes"), ("list", "namespaces"), ("escalate", "roles.rbac.authorization.k8s.io")]
 
 
-def test_driver_service_account_has_exactly_the_stage_permissions(kube, installed):
+def test_driver_service_account_has_exactly_the_stage_permissions(cluster, installed):
     ns, _ = installed
     sa = f"system:serviceaccount:{ns}:st-selftrain"
-    assert [a for a in ALLOWED if not kube.can_i(ns, sa, *a)] == []
-    assert [d for d in DENIED if kube.can_i(ns, sa, *d)] == []
+    assert [a for a in ALLOWED if not cluster.can_i(ns, sa, *a)] == []
+    assert [d for d in DENIED if cluster.can_i(ns, sa, *d)] == []
 
 
-def test_driver_service_account_has_nothing_cluster_wide_or_in_other_namespaces(kube, installed):
+def test_driver_service_account_has_nothing_cluster_wide_or_in_other_namespaces(cluster, installed):
     ns, _ = installed
     sa = f"system:serviceaccount:{ns}:st-selftrain"
     for verb, resource in ALLOWED:
-        assert not kube.can_i(ns, sa, verb, resource, all_namespaces=True), (verb, resource)
-        assert not kube.can_i("default", sa, verb, resource), (verb, resource)
-    assert not kube.can_i(ns, sa, "list", "nodes") and not kube.can_i(ns, sa, "get", "clusterroles")
+        assert not cluster.can_i(ns, sa, verb, resource, all_namespaces=True), (verb, resource)
+        assert not cluster.can_i("default", sa, verb, resource), (verb, resource)
+    assert not cluster.can_i(ns, sa, "list", "nodes") and not cluster.can_i(ns, sa, "get", "clusterroles")
 
 
-def test_trainer_service_account_has_no_permissions_and_no_token(kube, installed):
+def test_trainer_service_account_has_no_permissions_and_no_token(cluster, installed):
     ns, _ = installed
     sa = f"system:serviceaccount:{ns}:st-selftrain-trainer"
-    assert [a for a in ALLOWED + DENIED if kube.can_i(ns, sa, *a)] == []
-    assert kube.get("serviceaccount", "st-selftrain-trainer", "-n", ns)["automountServiceAccountToken"] is False
+    assert [a for a in ALLOWED + DENIED if cluster.can_i(ns, sa, *a)] == []
+    assert cluster.get("serviceaccount", "st-selftrain-trainer", "-n", ns)["automountServiceAccountToken"] is False

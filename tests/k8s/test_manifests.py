@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster_helpers import REPO, Cluster, kube, namespace  # noqa: F401  (fixtures)
+from cluster_helpers import REPO, Cluster, namespace  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.cluster
 
@@ -35,9 +35,9 @@ def test_manifests_hold_the_base_objects_and_the_pipeline():
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.relative_to(MANIFESTS).as_posix() for p in FILES])
-def test_every_manifest_is_accepted_by_the_api_server(kube: Cluster, namespace, path):
+def test_every_manifest_is_accepted_by_the_api_server(cluster: Cluster, namespace, path):
     docs = in_namespace(path, namespace)
-    out = kube.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", input=yaml.safe_dump_all(docs)).stdout
+    out = cluster.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", input=yaml.safe_dump_all(docs)).stdout
     assert out.count("(server dry run)") == len(docs)
 
 
@@ -57,37 +57,37 @@ def test_pipeline_jobs_use_the_base_pvcs_and_trainer_account():
                 assert base[v["persistentVolumeClaim"]["claimName"]]["kind"] == "PersistentVolumeClaim", p.name
 
 
-def test_base_rbac_is_least_privilege(kube: Cluster, namespace):
-    kube.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(in_namespace(MANIFESTS / "base" / "01-rbac.yaml", namespace)))
+def test_base_rbac_is_least_privilege(cluster: Cluster, namespace):
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(in_namespace(MANIFESTS / "base" / "01-rbac.yaml", namespace)))
     driver, trainer = (f"system:serviceaccount:{namespace}:{n}" for n in ("selftrain", "selftrain-trainer"))
     allowed = [("create", "pytorchjobs.kubeflow.org"), ("get", "pytorchjobs.kubeflow.org"), ("list", "pytorchjobs.kubeflow.org"),
                ("watch", "pytorchjobs.kubeflow.org"), ("delete", "pytorchjobs.kubeflow.org"),
                ("get", "pods"), ("list", "pods"), ("watch", "pods"), ("get", "pods/log")]
     denied = [("update", "pytorchjobs.kubeflow.org"), ("patch", "pytorchjobs.kubeflow.org"), ("get", "secrets"),
               ("create", "pods"), ("create", "pods/exec"), ("list", "nodes")]
-    assert [a for a in allowed if not kube.can_i(namespace, driver, *a)] == []
-    assert [d for d in denied if kube.can_i(namespace, driver, *d)] == []
-    assert [a for a in allowed if kube.can_i(namespace, driver, *a, all_namespaces=True)] == []
-    assert [a for a in allowed + denied if kube.can_i(namespace, trainer, *a)] == []
+    assert [a for a in allowed if not cluster.can_i(namespace, driver, *a)] == []
+    assert [d for d in denied if cluster.can_i(namespace, driver, *d)] == []
+    assert [a for a in allowed if cluster.can_i(namespace, driver, *a, all_namespaces=True)] == []
+    assert [a for a in allowed + denied if cluster.can_i(namespace, trainer, *a)] == []
 
 
-def test_the_base_objects_and_the_first_stage_run_it_to_success(kube: Cluster, namespace, tmp_path):
+def test_the_base_objects_and_the_first_stage_run_it_to_success(cluster: Cluster, namespace, tmp_path):
     """base/ (RBAC, PVCs) + pipeline/00: the job's pods are scheduled with its PVCs and account, and it succeeds."""
     claims = [d["metadata"]["name"] for d in in_namespace(MANIFESTS / "base" / "02-pvcs.yaml", namespace)]
     pvs = [f"{namespace}-{c}" for c in claims]
     try:
         for pv, claim in zip(pvs, claims):  # the local cluster has no provisioner: pre-bound volumes
-            kube.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+            cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump({
                 "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
                 "spec": {"capacity": {"storage": "1Ti"}, "accessModes": ["ReadWriteMany", "ReadWriteOnce"], "storageClassName": "",
                          "persistentVolumeReclaimPolicy": "Retain", "claimRef": {"namespace": namespace, "name": claim},
                          "hostPath": {"path": f"/tmp/{pv}"}}}))
         for f in ("01-rbac.yaml", "02-pvcs.yaml"):
-            kube.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(in_namespace(MANIFESTS / "base" / f, namespace)))
+            cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(in_namespace(MANIFESTS / "base" / f, namespace)))
         job = tmp_path / "00.yaml"
         job.write_text(yaml.safe_dump_all(in_namespace(MANIFESTS / "pipeline" / "00-instance-teacher.yaml", namespace)))
-        kube.kubectl("apply", "-f", str(job))
-        kube.kubectl("wait", "--for=condition=Succeeded", "--timeout=90s", "-f", str(job), timeout=120)
+        cluster.kubectl("apply", "-f", str(job))
+        cluster.kubectl("wait", "--for=condition=Succeeded", "--timeout=90s", "-f", str(job), timeout=120)
     finally:
-        kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-        kube.kubectl("delete", "pv", *pvs, "--wait=false", "--ignore-not-found", check=False)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "pv", *pvs, "--wait=false", "--ignore-not-found", check=False)
