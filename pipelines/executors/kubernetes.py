@@ -34,6 +34,7 @@ ATTEMPT = "selftrain.io/attempt"  # set on jobs this executor created: it restar
 BACKOFF = "selftrain.io/backoff-limit"  # the rendered runPolicy.backoffLimit, which the executor applies
 STARTED = "selftrain.io/started"  # epoch seconds of attempt 1 (activeDeadlineSeconds spans all attempts)
 FINISHED = ("Succeeded", "Failed")
+DEADLINE_SLACK = 10.0  # seconds the operator gets to enforce activeDeadlineSeconds before the executor does
 IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 
 
@@ -477,7 +478,7 @@ class KubernetesExecutor:
         ns, name = run.namespace, run.name
         fp = (job["metadata"].get("annotations") or {}).get(FINGERPRINT)
         policies, backoff = self.backend.restart_policies(job)
-        deadline_s = (job["spec"].get("runPolicy") or {}).get("activeDeadlineSeconds")
+        deadline_s = run.deadline_s = (job["spec"].get("runPolicy") or {}).get("activeDeadlineSeconds")
         if ns not in self._checked:
             for w in self.backend.check(ns):
                 self.echo(f"[{name}] warning: {w}")
@@ -497,7 +498,7 @@ class KubernetesExecutor:
                 ann[ATTEMPT], ann[STARTED] = str(run.attempt), str(int(started))
                 current = self.backend.create(submit)
                 self.echo(f"[{name}] created {self.backend.kind} {ns}/{name} (attempt {run.attempt}/{backoff + 1})")
-            state, message = self._follow(current, run, end)
+            state, message = self._follow(current, run, end, started + float(deadline_s) if deadline_s else None)
             if state == "Succeeded":
                 self._cleanup(run, succeeded=True)
                 return ExecutionResult(job=name, attempts=run.attempt, replicas=run.outcome, log_dir=run.log_dir)
@@ -524,22 +525,23 @@ class KubernetesExecutor:
             return None, 1, time.time()
         ann = existing["metadata"].get("annotations") or {}
         state, _ = self.backend.state(existing)
-        if existing["metadata"].get("deletionTimestamp"):
+        if existing["metadata"].get("deletionTimestamp"):  # e.g. a driver killed during a group restart
             self.echo(f"[{name}] waiting for the deletion of the previous {ns}/{name}")
             self.backend.delete(ns, name, wait=self.delete_timeout)
-            return None, 1, time.time()
-        if ann.get(FINGERPRINT) != fp:
+            if ann.get(FINGERPRINT) != fp or state != "Failed":
+                return None, 1, time.time()
+        elif ann.get(FINGERPRINT) != fp:
             if state not in FINISHED:
                 raise JobConflict(name, 0, [], (
                     f"{self.backend.kind} {ns}/{name} exists and is {state or 'pending'}, but for other inputs or params "
                     f"(fingerprint {str(ann.get(FINGERPRINT))[:12]}, this stage {str(fp)[:12]}): wait for it to finish, "
-                    f"or delete it (kubectl -n {ns} delete pytorchjob {name}) and run again"))
+                    f"or delete it (kubectl -n {ns} delete {self.backend.kind.lower()} {name}) and run again"))
             self.echo(f"[{name}] replacing the finished {ns}/{name} of other inputs or params ({state})")
             self.backend.delete(ns, name, wait=self.delete_timeout)
             return None, 1, time.time()
         attempt = int(ann.get(ATTEMPT) or 1)
         started = float(ann.get(STARTED) or time.time())
-        if state == "Failed":  # a driver stopped between attempts, or an earlier failed run: go on with a new attempt
+        if state == "Failed":  # a driver stopped between attempts goes on counting; a stage that failed for good starts over
             self.echo(f"[{name}] the existing {ns}/{name} failed (attempt {attempt}); starting a new attempt")
             self.backend.delete(ns, name, wait=self.delete_timeout)
             return (None, attempt + 1, started) if attempt <= backoff else (None, 1, time.time())
@@ -547,7 +549,8 @@ class KubernetesExecutor:
         return existing, attempt, started
 
     # -- following one attempt -----------------------------------------------------------------
-    def _follow(self, current: dict[str, Any], run: "_Run", end: float | None) -> tuple[str, str]:
+    def _follow(self, current: dict[str, Any], run: "_Run", end: float | None, active_until: float | None) -> tuple[str, str]:
+        """Wait for the job's end (Succeeded/Failed), streaming logs; raise ClusterError on what the cluster cannot fix."""
         ns, name, uid = run.namespace, run.name, current["metadata"].get("uid")
         names = self.backend.replicas(current)
         tails = {r: deque(maxlen=40) for r in names}
@@ -580,17 +583,17 @@ class KubernetesExecutor:
                         streams[puid] = _Stream(self.backend, ns, pod, r, run.log_dir / f"{r}.log", run.attempt, self.echo, tails[r])
                     pulling = _image_pull_error(pod)
                     if pulling:
-                        raise ImagePullFailed(name, run.attempt, self._outcome(names, last, tails, run, state), (
+                        raise ImagePullFailed(name, run.attempt, self._outcome(names, last, tails, run, "stopping"), (
                             f"pod {pod['metadata']['name']} ({r}) cannot pull image {pulling[0]} ({pulling[1]}: {pulling[2]}): "
                             "check the image name and tag, that the registry is reachable from the nodes, and the pod's imagePullSecrets"))
                     if (pod.get("status") or {}).get("phase") == "Pending":
                         since = pending_since.setdefault(puid, now)
                         limit = self.config.pending_timeout_seconds
                         if limit and now - since > limit:
-                            raise PendingTimeout(name, run.attempt, self._outcome(names, last, tails, run, state), (
-                                f"pod {pod['metadata']['name']} ({r}) is still Pending after {limit:g}s (pending_timeout_seconds)"
-                                f"{_pending_reason(pod)}: check its resource requests, nodeSelector and tolerations against the "
-                                f"nodes (kubectl -n {ns} describe pod {pod['metadata']['name']})"))
+                            raise PendingTimeout(name, run.attempt, self._outcome(names, last, tails, run, "stopping"), (
+                                f"pod {pod['metadata']['name']} ({r}) is still Pending after {limit:g}s (pending_timeout_seconds="
+                                f"{limit:g}){_pending_reason(pod)}; check its resource requests, nodeSelector and tolerations "
+                                f"against the nodes (kubectl -n {ns} describe pod {pod['metadata']['name']})"))
                 if state in FINISHED:
                     break
                 limit = self.config.pending_timeout_seconds
@@ -599,8 +602,13 @@ class KubernetesExecutor:
                         f"{self.backend.kind} {ns}/{name} has no conditions and no pods after {limit:g}s: is the training "
                         "operator running and watching this namespace? (kubectl -n kubeflow get pods; kubectl -n "
                         f"{ns} describe pytorchjob {name})"))
+                if active_until is not None and time.time() > active_until + DEADLINE_SLACK:
+                    # v1.9.3 checks activeDeadlineSeconds only in a reconcile queued once, when the job starts
+                    raise StageTimeout(name, run.attempt, self._outcome(names, last, tails, run, "stopping"), (
+                        f"activeDeadlineSeconds={run.deadline_s} passed "
+                        f"(the operator did not stop the job within {DEADLINE_SLACK:g}s of it; state: {state or 'pending'})"))
                 if end is not None and now > end:
-                    raise StageTimeout(name, run.attempt, self._outcome(names, last, tails, run, state), (
+                    raise StageTimeout(name, run.attempt, self._outcome(names, last, tails, run, "stopping"), (
                         f"not finished after timeout_seconds={self.config.timeout_seconds:g} (state: {state or 'pending'})"))
                 time.sleep(self.poll_seconds)
         except ClusterError as e:
@@ -612,7 +620,7 @@ class KubernetesExecutor:
         except KeyboardInterrupt:
             for s in streams.values():
                 s.close(0.0)
-            self.echo(f"[{name}] interrupted: {ns}/{name} keeps running; run again to re-attach, or kubectl -n {ns} delete pytorchjob {name}")
+            self.echo(f"[{name}] interrupted: {ns}/{name} keeps running; run again to re-attach, or kubectl -n {ns} delete {self.backend.kind.lower()} {name}")
             raise
         for s in streams.values():
             s.close(10.0)
@@ -620,12 +628,13 @@ class KubernetesExecutor:
         return state, message
 
     def _outcome(self, names: list[str], last: dict[str, dict], tails: dict[str, deque], run: "_Run", state: str) -> list[ReplicaOutcome]:
+        """How each replica ended; one without an exit code in a job that failed (or that the executor gives up on) is stopped."""
         out = []
         for r in names + sorted(set(last) - set(names)):
             pod = last.get(r)
             code = _exit_code(pod) if pod else None
             out.append(ReplicaOutcome(
-                replica=r, exit_code=code, stopped=code is None and state == "Failed",
+                replica=r, exit_code=code, stopped=code is None and state in ("Failed", "stopping"),
                 log=run.log_dir / f"{r}.log", last_lines=list(tails.get(r, ()))[-20:],
             ))
         run.pods = [p["metadata"]["name"] for p in last.values() if _exit_code(p) is None]
@@ -666,6 +675,7 @@ class _Run:
         self.attempt = 0
         self.outcome: list[ReplicaOutcome] = []
         self.pods: list[str] = []  # pods without an exit code at the end of the last attempt
+        self.deadline_s: int | None = None  # the rendered activeDeadlineSeconds (over all attempts)
         self.log_dir = Path("logs")
 
 
@@ -703,7 +713,7 @@ def _image_pull_error(pod: dict[str, Any]) -> tuple[str, str, str] | None:
 def _pending_reason(pod: dict[str, Any]) -> str:
     for c in (pod.get("status") or {}).get("conditions") or []:
         if c.get("status") == "False" and c.get("message"):
-            return f" ({c['type']}={c['status']}, {c.get('reason', '')}: {c['message']})"
+            return f": {c.get('reason') or c['type']}: {c['message'].rstrip('.')}"
     return ""
 
 
