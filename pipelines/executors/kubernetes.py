@@ -485,7 +485,7 @@ class KubernetesExecutor:
             self._checked.add(ns)
         end = time.monotonic() + self.config.timeout_seconds if self.config.timeout_seconds else None
 
-        current, run.attempt, started = self._adopt(job, run, fp, backoff)
+        current, run.attempt, started = self._adopt(job, run, fp, policies, backoff)
         while True:
             if current is None:
                 remaining = None
@@ -505,8 +505,7 @@ class KubernetesExecutor:
             ours = ATTEMPT in (current["metadata"].get("annotations") or {})
             by_deadline = "deadline" in message
             failed = [o for o in run.outcome if not o.stopped and o.exit_code not in (0, None)] or [o for o in run.outcome if not o.stopped]
-            retry = ours and not by_deadline and run.attempt <= backoff and all(
-                _restartable(policies.get(o.replica.rsplit("-", 1)[0], "OnFailure"), o.exit_code) for o in failed)
+            retry = ours and _retryable(policies, [(o.replica, o.exit_code) for o in failed], message, run.attempt, backoff)
             if not retry:
                 self._cleanup(run, succeeded=False)
                 why = f"activeDeadlineSeconds={deadline_s} passed" if by_deadline else (
@@ -517,14 +516,14 @@ class KubernetesExecutor:
             current = None
             run.attempt += 1
 
-    def _adopt(self, job: dict[str, Any], run: "_Run", fp: str | None, backoff: int) -> tuple[dict | None, int, float]:
+    def _adopt(self, job: dict[str, Any], run: "_Run", fp: str | None, policies: dict[str, str], backoff: int) -> tuple[dict | None, int, float]:
         """(the existing job to re-attach to or None, its attempt, start time): same name and fingerprint re-attaches."""
         ns, name = run.namespace, run.name
         existing = self.backend.get(ns, name)
         if existing is None:
             return None, 1, time.time()
         ann = existing["metadata"].get("annotations") or {}
-        state, _ = self.backend.state(existing)
+        state, message = self.backend.state(existing)
         if existing["metadata"].get("deletionTimestamp"):  # e.g. a driver killed during a group restart
             self.echo(f"[{name}] waiting for the deletion of the previous {ns}/{name}")
             self.backend.delete(ns, name, wait=self.delete_timeout)
@@ -542,9 +541,12 @@ class KubernetesExecutor:
         attempt = int(ann.get(ATTEMPT) or 1)
         started = float(ann.get(STARTED) or time.time())
         if state == "Failed":  # a driver stopped between attempts goes on counting; a stage that failed for good starts over
-            self.echo(f"[{name}] the existing {ns}/{name} failed (attempt {attempt}); starting a new attempt")
+            codes = [(self.backend.replica(p), _exit_code(p)) for p in self.backend.pods(ns, existing)]
+            pending_restart = _retryable(policies, [(r, c) for r, c in codes if c not in (0, None)], message, attempt, backoff)
+            self.echo(f"[{name}] the existing {ns}/{name} failed (attempt {attempt}); "
+                      + ("restarting the whole group" if pending_restart else "it had failed for good: starting over"))
             self.backend.delete(ns, name, wait=self.delete_timeout)
-            return (None, attempt + 1, started) if attempt <= backoff else (None, 1, time.time())
+            return (None, attempt + 1, started) if pending_restart else (None, 1, time.time())
         self.echo(f"[{name}] re-attaching to {ns}/{name} ({state or 'pending'}, attempt {attempt}, uid {existing['metadata'].get('uid')})")
         return existing, attempt, started
 
@@ -560,6 +562,7 @@ class KubernetesExecutor:
         echoed: set[tuple[str, str]] = set()
         t0 = time.monotonic()
         state, message = "", ""
+        ok = False
         try:
             while True:
                 obj = self.backend.get(ns, name)
@@ -601,7 +604,7 @@ class KubernetesExecutor:
                     raise PendingTimeout(name, run.attempt, [], (
                         f"{self.backend.kind} {ns}/{name} has no conditions and no pods after {limit:g}s: is the training "
                         "operator running and watching this namespace? (kubectl -n kubeflow get pods; kubectl -n "
-                        f"{ns} describe pytorchjob {name})"))
+                        f"{ns} describe {self.backend.kind.lower()} {name})"))
                 if active_until is not None and time.time() > active_until + DEADLINE_SLACK:
                     # v1.9.3 checks activeDeadlineSeconds only in a reconcile queued once, when the job starts
                     raise StageTimeout(name, run.attempt, self._outcome(names, last, tails, run, "stopping"), (
@@ -611,19 +614,17 @@ class KubernetesExecutor:
                     raise StageTimeout(name, run.attempt, self._outcome(names, last, tails, run, "stopping"), (
                         f"not finished after timeout_seconds={self.config.timeout_seconds:g} (state: {state or 'pending'})"))
                 time.sleep(self.poll_seconds)
-        except ClusterError as e:
+            ok = True
+        except (ImagePullFailed, PendingTimeout, StageTimeout) as e:
             run.outcome = e.replicas
-            for s in streams.values():
-                s.close(0.0)
             self._give_up(run)
             raise
         except KeyboardInterrupt:
-            for s in streams.values():
-                s.close(0.0)
             self.echo(f"[{name}] interrupted: {ns}/{name} keeps running; run again to re-attach, or kubectl -n {ns} delete {self.backend.kind.lower()} {name}")
             raise
-        for s in streams.values():
-            s.close(10.0)
+        finally:
+            for s in streams.values():
+                s.close(10.0 if ok else 0.0)
         run.outcome = self._outcome(names, last, tails, run, state)
         return state, message
 
@@ -677,6 +678,12 @@ class _Run:
         self.pods: list[str] = []  # pods without an exit code at the end of the last attempt
         self.deadline_s: int | None = None  # the rendered activeDeadlineSeconds (over all attempts)
         self.log_dir = Path("logs")
+
+
+def _retryable(policies: dict[str, str], failed: list[tuple[str, int | None]], message: str, attempt: int, backoff: int) -> bool:
+    """Whether a failed attempt restarts: attempts left, not stopped by its deadline, every failed replica's policy allows it."""
+    return "deadline" not in message and attempt <= backoff and all(
+        _restartable(policies.get(replica.rsplit("-", 1)[0], "OnFailure"), code) for replica, code in failed)
 
 
 def _containers(pod: dict[str, Any]) -> Iterable[dict[str, Any]]:

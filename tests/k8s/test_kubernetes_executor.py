@@ -294,3 +294,40 @@ def test_active_deadline_fails_the_stage_without_restarts(cluster, namespace, tm
         _executor(cluster, cfg).run(job, tmp_path / "logs")
     assert e.value.attempts == 1
     assert "activeDeadlineSeconds=2 passed" in str(e.value)
+
+
+class DiesBeforeRestart(PyTorchJobBackend):
+    """A driver that dies right after its first attempt failed, before the group restart."""
+
+    def delete(self, namespace, name, wait=0.0):
+        raise SystemExit("driver killed")
+
+
+def test_a_driver_killed_between_attempts_goes_on_with_the_next_attempt(cluster, namespace, tmp_path):
+    job, cfg = _stage_job(namespace, "between", master="fail", worker="hang", restart_policy="OnFailure", backoff_limit=2, cleanup="never")
+    with pytest.raises(SystemExit):
+        _executor(cluster, cfg, backend=DiesBeforeRestart(kubeconfig=str(cluster.admin))).run(job, tmp_path / "logs")
+    (failed,) = _jobs(cluster, namespace)
+    assert failed["metadata"]["annotations"][ATTEMPT] == "1"
+
+    lines: list[str] = []
+    backend = RecordingBackend(kubeconfig=str(cluster.admin), succeed_from_attempt=2)
+    result = _executor(cluster, cfg, backend=backend, lines=lines).run(job, tmp_path / "logs")
+    assert result.attempts == 2 and result.replicas[0].exit_code == 0
+    assert any("restarting the whole group" in line for line in lines)
+    (done,) = _jobs(cluster, namespace)
+    assert done["metadata"]["uid"] != failed["metadata"]["uid"]
+
+
+def test_a_re_run_after_a_stage_failed_for_good_starts_over(cluster, namespace, tmp_path):
+    job, cfg = _stage_job(namespace, "again", master="fail", replicas=1, restart_policy="OnFailure", backoff_limit=0)
+    with pytest.raises(StageFailed):
+        _executor(cluster, cfg).run(job, tmp_path / "logs")
+    (kept,) = _jobs(cluster, namespace)  # on-success keeps the failed job
+
+    lines: list[str] = []
+    backend = RecordingBackend(kubeconfig=str(cluster.admin), succeed_from_attempt=1)  # the cause was fixed
+    result = _executor(cluster, cfg, backend=backend, lines=lines).run(job, tmp_path / "logs")
+    assert result.attempts == 1
+    assert any("failed for good: starting over" in line for line in lines)
+    assert _jobs(cluster, namespace) == []
