@@ -120,7 +120,10 @@ def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executo
     if executor is None:
         from pipelines.executors import make_executor
 
-        executor = make_executor(cfg.executor.kind, grace_seconds=cfg.executor.grace_seconds) if cfg.executor.kind == "local" else make_executor(cfg.executor.kind)
+        if cfg.executor.kind == "local":
+            executor = make_executor("local", grace_seconds=cfg.executor.grace_seconds)
+        else:
+            executor = make_executor(cfg.executor.kind, config=cfg.executor.kubernetes)
     lineage = lineage or Lineage(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_location())
     _ensure_workspace_repo(cfg, specs)
     parent = lineage.pipeline_run(cfg.pipeline, run, {"pipeline": cfg.pipeline, "run": run, "stages": ",".join(s.name for s in specs)}, config_text)
