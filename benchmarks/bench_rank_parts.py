@@ -19,6 +19,7 @@ Prints a markdown table with a projection to 10M images (arithmetic shown); JSON
 
     python benchmarks/bench_rank_parts.py                              # 10k classes x 100, 3 repeats
     python benchmarks/bench_rank_parts.py --classes 2000 --repeats 1   # quicker
+    python benchmarks/bench_rank_parts.py --report                     # re-print the last JSON
 """
 from __future__ import annotations
 
@@ -214,7 +215,16 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     for hidden in ("spill", "out", "work", "variant"):
         ap.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
+    ap.add_argument("--report", action="store_true", help="re-print (and re-project) the JSON of an earlier run")
     args = ap.parse_args()
+    if args.report:
+        report = json.loads(Path(args.json).read_text())
+        for k, v in report["config"].items():
+            setattr(args, k, v)
+        report["projection"] = project(report, args)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print_report(report, args)
+        return
     if args.child:
         _single_thread()
         print(json.dumps(PHASES[args.child](args)))
@@ -223,7 +233,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_rank_parts_"))
     report: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "threads": 1,
                                 "load_avg_start": os.getloadavg()[0]},
-                    "config": {k: v for k, v in vars(args).items() if k not in ("child", "spill", "out", "work", "variant")}}
+                    "config": {k: v for k, v in vars(args).items() if k not in ("child", "spill", "out", "work", "variant", "report")}}
     try:
         t = time.perf_counter()
         report["stream"] = child("stream", classes=args.classes, images=args.images, spill=tmp / "stream")
@@ -259,7 +269,9 @@ def project(r: dict, args) -> dict:
     t_small, t_big = r["clusters"]["label"]["seconds"], r["big_clusters"]["label"]["seconds"]
     a = max(0.0, (t_small - t_big) / (args.classes - args.big_classes))
     b = max(0.0, (t_big - args.big_classes * a) / m)
-    out["label"] = {"per_class_s": a, "per_candidate_s": b, "total_core_s": args.classes * a + n_target * b}
+    # every rank reads each class it has candidates of (all of them, at 10M images): the per-class term is per rank
+    out["label"] = {"per_class_s": a, "per_candidate_s": b, "total_core_s": args.classes * a * args.ranks + n_target * b,
+                    "per_rank_s": args.classes * a + n_target / args.ranks * b}
     out["label_core_s"] = out["label"]["total_core_s"]
     # spill: chunks are flushed per class (one chunk per class here), so the per-M cost at --per-class is an upper bound
     out["spill_core_s"] = r["scale"]["spill_s"] / m * n_target
@@ -309,9 +321,9 @@ def print_report(r: dict, args) -> None:
           f"one {args.per_class}-row chunk per class; fsync per chunk dominates)")
     lab = p["label"]
     print(f"- labels (eq. 2), the same split: {1e3 * lab['per_class_s']:.2f} ms/class, {1e6 * lab['per_candidate_s']:.2f} "
-          f"us/candidate -> {args.classes} x {lab['per_class_s']:.4f} + {p['target_candidates']:.3g} x "
-          f"{lab['per_candidate_s']:.3g} = {p['label_core_s']:.0f} core-s = {p['label_core_s'] / p['ranks']:.0f} s per rank "
-          f"(each rank reads every class it has candidates of)")
+          f"us/candidate; each rank reads every class it has candidates of -> per rank {args.classes} x "
+          f"{lab['per_class_s']:.4f} + {p['target_candidates']:.3g} / {p['ranks']} x {lab['per_candidate_s']:.3g} = "
+          f"{lab['per_rank_s']:.0f} s ({p['label_core_s']:.0f} core-s)")
     print(f"- memory: bounded by a class, not the dataset (peak RSS above imports above); at "
           f"{p['target_candidates'] / args.classes:.0f} per class a class's block + training sample is "
           f"< {(8 << 20) / 1e6 + 2048 * DIM * 4 / 1e6 + p['target_candidates'] / args.classes * 13 / 1e6:.0f} MB")

@@ -288,8 +288,6 @@ def score_candidates(spill_dir: Path, clusters_dir: Path, rank: int, num: int, w
 
     Held as memory-maps in ``work`` (4 + 4 bytes a candidate); label -1 for NaN/zero features.
     """
-    from trainers.parts.class_clusters import load_class_clusters
-
     work.mkdir(parents=True, exist_ok=True)
     labels = np.lib.format.open_memmap(work / f"labels-{rank}.npy", mode="w+", dtype=np.int32, shape=(num,))
     scores = np.lib.format.open_memmap(work / f"scores-{rank}.npy", mode="w+", dtype=np.float32, shape=(num,))
@@ -297,7 +295,8 @@ def score_candidates(spill_dir: Path, clusters_dir: Path, rank: int, num: int, w
     scores[:] = np.nan
     manifest = _read_json(spill_dir / "_writers" / f"{rank}.json") or {"classes": {}}
     for c in sorted(int(c) for c in manifest["classes"]):
-        centroids = load_class_clusters(clusters_dir, c)["centroids"]
+        with np.load(clusters_dir / f"class-{c}.npz") as z:  # the prototypes only (members load lazily)
+            centroids = z["centroids"]
         if len(centroids) == 0:
             continue
         for chunk in sorted((spill_dir / f"class-{c}").glob(f"chunk-{rank}-*.npy")):
