@@ -13,7 +13,7 @@ BEGIN, END = "<!-- BEGIN CONFIG REFERENCE -->", "<!-- END CONFIG REFERENCE -->"
 # (title, "module:Class") — the configs a user writes or reads.
 DOCUMENTED = [
     ("PartWorld dataset (`configs/partworld-demo.yaml`, `selftrain data generate -c`)", "trainers.data.partworld:PartWorldConfig"),
-    ("Pipeline config (`selftrain run <config>`)", "pipelines.config:PipelineConfig"),
+    ("Pipeline config (`selftrain run <config>`; PartDistillation)", "pipelines.partdistillation:PartDistillationConfig"),
     ("Stage spec (`python -m trainers <stage> --spec <file>`)", "pipelines.spec:StageSpec"),
 ]
 
