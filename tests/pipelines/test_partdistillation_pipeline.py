@@ -54,7 +54,7 @@ def test_partdistillation_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ws' / 'mlflow' / 'mlflow.db'}")
     for name in ("partdistillation-instance-teacher", "partdistillation-part-proposals", "partdistillation-part-ranker"):
         assert client.search_model_versions(f"name='{name}'"), name
-    assert client.get_model_version_by_alias("partdistillation-part-proposals", "teacher").version == "1"
+    assert str(client.get_model_version_by_alias("partdistillation-part-proposals", "teacher").version) == "1"
     mined = tmp_path / "ws" / "runs" / "e2e" / "datasets" / "mined-train"
     assert yaml.safe_load(mined.with_name("mined-train.dvc").read_text())["outs"][0]["md5"].endswith(".dir")
     assert any((tmp_path / "ws" / "dvc-remote").rglob("*")), "datasets were pushed to the DVC remote"
