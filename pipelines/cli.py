@@ -22,7 +22,9 @@ DEFAULT_DATA = Path("data/partworld-demo")
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -240,11 +242,14 @@ def run_cmd(
     """Run a pipeline (default: PartDistillation on the built-in demo dataset, embedded defaults)."""
     from pipelines import runner
 
-    result = _guard(runner.run_pipeline_cli, config, run, executor, out.print)
+    def echo(line: str) -> None:  # stage names in brackets are text, not rich markup
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    result = _guard(runner.run_pipeline_cli, config, run, executor, echo)
     if isinstance(result, list):
         out.print(f"wrote {len(result)} manifest(s); apply them in order with kubectl apply -f <file>")
         return
-    out.print(result.summary)
+    echo(result.summary)
 
 
 @app.command("render")
