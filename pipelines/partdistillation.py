@@ -54,6 +54,8 @@ class RoundParams(_Strict):
     pseudo_label_score_threshold: float = Field(default=0.5, ge=0, le=1, description="Predicted parts below this score are not kept as pseudo-labels.")
     pseudo_label: dict[str, Any] = Field(default_factory=dict, description="Further pseudo-label params passed through.")
     promotion_metric: str = Field(default="eval/AR_10", description="Metric the part-proposal teacher alias moves on.")
+    init_from_previous: bool = Field(default=True, description="Rounds after the first start from the previous round's part decoder.")
+    later_rounds_lr: float | None = Field(default=5e-4, gt=0, description="Learning rate of rounds after the first (None: the train params' lr).")
 
 
 class EvaluationParams(_Strict):
@@ -157,17 +159,21 @@ def _stage1(cfg: PartDistillationConfig, run: str) -> list[StageSpec]:
     proposals = _out(cfg, run, "mined-train")
     for r in range(1, pd.proposals.rounds + 1):
         train = f"r{r}-train-proposals"
+        params, models = {**pd.proposals.train, "round": r}, {"teacher": teacher_ref}
+        if r > 1 and pd.proposals.init_from_previous:
+            models["init"] = f"stage:r{r - 1}-train-proposals"
+        if r > 1 and pd.proposals.later_rounds_lr is not None:
+            params.setdefault("lr", pd.proposals.later_rounds_lr)
         specs += [
-            cfg.new_stage_spec(run, "train-proposals", train, params={**pd.proposals.train, "round": r},
-                               datasets={"proposals": proposals}, models={"teacher": teacher_ref},
-                               output_model=PART_PROPOSALS),
+            cfg.new_stage_spec(run, "train-proposals", train, params=params, datasets={"proposals": proposals},
+                               models=models, output_model=PART_PROPOSALS),
             cfg.new_stage_spec(run, "evaluate-proposals", f"r{r}-evaluate", params=evaluation,
                                datasets={"eval": pd.eval}, models={"candidate": f"stage:{train}", "parts": f"stage:{train}"}),
         ]
         if r < pd.proposals.rounds:  # the last round's teacher feeds stage 2 directly
             specs.append(cfg.new_stage_spec(
                 run, "pseudo-label", f"r{r}-pseudo-label",
-                params={"score_threshold": pd.proposals.pseudo_label_score_threshold,
+                params={"score_threshold": pd.proposals.pseudo_label_score_threshold, "objects": pd.mining.objects,
                         "min_part_area": pd.mining.min_part_area, **pd.proposals.pseudo_label},
                 datasets={"images": pd.train},
                 models={"parts": f"models:/{PART_PROPOSALS}@teacher", "instance_teacher": teacher_ref},
