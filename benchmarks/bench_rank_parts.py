@@ -288,20 +288,25 @@ def print_report(r: dict, args) -> None:
           f"({s['candidates'] / s['images']:.1f}/image): render {1e3 * s['render_s'] / s['images']:.1f} ms/image, "
           f"feature {1e3 * s['feature_s'] / s['images']:.1f} ms/image, spill {s['spill_s']:.2f} s "
           f"({s['spill_s'] / s['candidates'] * 1e6:.1f} s/M), peak RSS {s['maxrss_mb']:.0f} MB\n")
-    print("| phase | features | classes | wall s | s / M features | peak RSS MB | RSS above imports MB |\n"
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| phase | features | classes | wall s | s / M features | CPU s | peak RSS MB | RSS above imports MB |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(f"| spill (template features) | {sc['candidates']} | {args.classes} | {sc['spill_s']:.2f} | "
-          f"{sc['spill_s'] / m:.2f} | {sc['maxrss_mb']:.0f} | {sc['maxrss_mb'] - sc['import_rss_mb']:.0f} |")
+          f"{sc['spill_s'] / m:.2f} | | {sc['maxrss_mb']:.0f} | {sc['maxrss_mb'] - sc['import_rss_mb']:.0f} |")
     for key, classes in (("clusters", args.classes), ("big_clusters", args.big_classes)):
         c = r[key]
         for v, name in (("faiss", "cluster: faiss per class (cluster_classes)"), ("sklearn", "cluster: sklearn KMeans per class")):
             x = c[v]
             print(f"| {name} | {sc['candidates']} | {classes} | {x['median_s']:.2f} | {x['median_s'] / m:.2f} | "
-                  f"{x['peak_rss_mb']:.0f} | {x['rss_above_imports_mb']:.0f} |")
+                  f"{x['median_cpu_s']:.2f} | {x['peak_rss_mb']:.0f} | {x['rss_above_imports_mb']:.0f} |")
         lab = c["label"]
         print(f"| label: eq. 2 scores + ids | {lab['labelled']} | {classes} | {lab['seconds']:.2f} | "
-              f"{lab['seconds'] / m:.2f} | {lab['maxrss_mb']:.0f} | {lab['maxrss_mb'] - lab['import_rss_mb']:.0f} |")
-    print(f"\nsklearn / faiss wall-time ratio: {r['clusters']['ratio_sklearn_over_faiss']:.2f}x at "
+              f"{lab['seconds'] / m:.2f} | | {lab['maxrss_mb']:.0f} | {lab['maxrss_mb'] - lab['import_rss_mb']:.0f} |")
+    cpu = {k: r[k]["sklearn"]["median_cpu_s"] / r[k]["faiss"]["median_cpu_s"] for k in ("clusters", "big_clusters")}
+    print(f"\nsklearn / faiss CPU-time ratio: {cpu['clusters']:.2f}x at {args.per_class}/class, {cpu['big_clusters']:.2f}x "
+          f"at {sc['candidates'] // args.big_classes}/class; runs (wall s): " + "; ".join(
+              f"{k} {v}: {', '.join(f'{t:.1f}' for t in r[k][v]['runs_s'])}" for k in ("clusters", "big_clusters")
+              for v in ("faiss", "sklearn")))
+    print(f"sklearn / faiss wall-time ratio: {r['clusters']['ratio_sklearn_over_faiss']:.2f}x at "
           f"{args.per_class}/class, {r['big_clusters']['ratio_sklearn_over_faiss']:.2f}x at "
           f"{sc['candidates'] // args.big_classes}/class; faiss write share "
           f"{r['clusters']['faiss']['write_s'] / r['clusters']['faiss']['median_s']:.0%} at {args.per_class}/class\n")
