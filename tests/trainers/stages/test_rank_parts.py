@@ -174,6 +174,21 @@ def test_changed_params_discard_the_old_spill(tmp_path, world, one_rank):
         assert all(p["area"] >= 0.2 * areas[p["object_id"]] for p in record["proposals"])
 
 
+def test_detected_objects_bring_the_instance_teachers_classes(tmp_path, world, one_rank):
+    teacher = tiny_segmenter_file(tmp_path / "teacher.pt", num_classes=3, seed=2)
+    spec = stage_spec("rank-parts", tmp_path / "work-out", datasets={"images": world["train"]},
+                      models={"parts": world["parts"], "instance_teacher": teacher}, dataset_out=tmp_path / "out",
+                      nproc=1, params={**PARAMS, "objects": "detected", "object_score_threshold": 0.0,
+                                       "max_detections": 3})
+    m = run(spec).metrics
+    assert m["rank_parts/objects"] == 16 * 3 and m["rank_parts/candidates"] > 0
+    lmap = json.loads((tmp_path / "out" / "label_map.json").read_text())
+    kc = {c["category_id"]: c["num_clusters"] for c in lmap["classes"]}
+    proposals = [p for _, _, r in labelled(tmp_path / "out") for p in r["proposals"]]
+    assert len(proposals) == m["rank_parts/labelled"]
+    assert all(p["category_id"] in (1, 2, 3) and 0 <= p["label"] < kc[p["category_id"]] for p in proposals)
+
+
 @pytest.mark.slow
 def test_two_ranks_cluster_every_class_exactly_once(tmp_path, world):
     spec = rank(tmp_path, world, nproc=2)
