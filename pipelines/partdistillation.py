@@ -322,13 +322,20 @@ def plot_rounds(outcomes: list[Any], cfg: PartDistillationConfig, out_png: Path)
         if mined == mined:
             axes[0].axhline(100 * mined, ls="--", lw=0.8, color=axes[0].lines[-1].get_color())
     axes[0].set(title="Part proposals (dashed: mined k-means)", xlabel="self-training round", ylabel="%")
+    axes[0].set_xlim(0.5, pd.proposals.rounds + 0.5)
+    axes[0].set_xticks(xs)
     axes[0].legend()
     if pd.ranking.enabled:
         xs2 = list(range(1, pd.ranking.rounds + 1))
         for c in ("nmi", "ari", "miou", "miou_hungarian", "AR_200"):
             axes[1].plot(xs2, [100 * _metrics(by_name, f"f{r}-evaluate").get(f"eval/gt/{c}", float("nan")) for r in xs2],
                          marker="o", label=c)
-        axes[1].set(title="Class-specific parts (GT objects)", xlabel="final self-training round", ylabel="%")
+            one = _metrics(by_name, f"one-stage-r{pd.ranking.one_stage_rounds}-evaluate").get(f"eval/gt/{c}")
+            if one is not None:
+                axes[1].axhline(100 * one, ls="--", lw=0.8, color=axes[1].lines[-1].get_color())
+        axes[1].set(title="Class-specific parts, GT objects (dashed: one-stage)", xlabel="final self-training round", ylabel="%")
+        axes[1].set_xlim(0.5, pd.ranking.rounds + 0.5)
+        axes[1].set_xticks(xs2)
         axes[1].legend()
     else:
         axes[1].axis("off")
