@@ -339,8 +339,6 @@ def plot_rounds(outcomes: list[Any], cfg: PartDistillationConfig, out_png: Path)
         axes[1].legend()
     else:
         axes[1].axis("off")
-    for ax in axes:
-        ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(f".{out_png.name}.tmp.png")
