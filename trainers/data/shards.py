@@ -53,7 +53,7 @@ class PartsNotAllowedError(DataError):
 
 @dataclass(frozen=True)
 class BadSample:
-    """Placeholder an importer yields instead of a sample it could not read.
+    """What an importer yields instead of a sample it could not read.
 
     ``write_dataset`` raises ``error`` or, with ``skip_bad=True``, lists it under ``quarantined``.
     """

@@ -268,15 +268,27 @@ def test_missing_index_is_a_clear_error(tmp_path: Path) -> None:
         list(shards.iter_samples(tmp_path))
 
 
-def test_torch_dataset_takes_rank_and_world_from_torch_distributed(tmp_path: Path, monkeypatch) -> None:
+def _read_as_rank(rank: int, world: int, store: str, ds: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        keys = [k for k, _, _ in shards.ShardDataset(ds, decode=False)]
+        Path(out, f"rank-{rank}.json").write_text(json.dumps(keys))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_dataset_takes_rank_and_world_from_torch_distributed(tmp_path: Path) -> None:
+    """A real 2-process gloo group: each rank's ShardDataset reads its own shards."""
+    import json
+
     torch = pytest.importorskip("torch")
     write(make_samples(8), tmp_path / "ds", shard_size=2)  # 4 shards
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    keys = {}
-    for rank in (0, 1):
-        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
-        keys[rank] = [k for k, _, _ in shards.ShardDataset(tmp_path / "ds", decode=False)]
+    torch.multiprocessing.spawn(_read_as_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "ds"), str(tmp_path)), nprocs=2)
+    keys = {r: json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)}
     assert keys[0] == ["s00000", "s00001", "s00004", "s00005"] and keys[1] == ["s00002", "s00003", "s00006", "s00007"]
 
 
