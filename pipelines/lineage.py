@@ -30,6 +30,7 @@ from pipelines.config import PromotionPolicy
 from pipelines.spec import StageSpec
 
 ALIASES = ("teacher", "champion")
+RUN_SCOPED = ("teacher",)  # aliases a pipeline run follows itself; champion is the best across runs
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -143,7 +144,9 @@ class Lineage:
             self.client.log_artifacts(run_id, str(log_dir), "logs")
         version = None
         if spec.outputs.model and result.get("model_path"):
-            mv = self.register_model(run_id, spec.outputs.model, result["model_path"], tags={"selftrain.stage": spec.name})
+            run_tags = self.client.get_run(run_id).data.tags
+            mv = self.register_model(run_id, spec.outputs.model, result["model_path"],
+                                     tags={"selftrain.stage": spec.name, "selftrain.run": run_tags.get("selftrain.run", "")})
             version = str(mv.version)
             self.client.set_tag(run_id, "model.version", f"{spec.outputs.model}/{version}")
         self.client.set_terminated(run_id, "FINISHED")
@@ -210,6 +213,10 @@ class Lineage:
                 ok, reason = True, "candidate already holds the alias"
             elif holder_value is None:
                 ok, reason = True, f"holder has no successful evaluation of {policy.metric}"
+            elif alias in RUN_SCOPED and holder.tags.get("selftrain.run", "") != cand.tags.get("selftrain.run", ""):
+                # a pipeline run learns from its own rounds: a holder from another run (other data or settings,
+                # evaluated elsewhere) is not a comparable figure, so the run's first good candidate takes over
+                ok, reason = True, f"holder version {holder_version} is from pipeline run {holder.tags.get('selftrain.run') or '?'}; this run starts its own {alias} line"
             else:
                 gain = cand_value - holder_value if policy.direction == "max" else holder_value - cand_value
                 ok = gain > policy.min_delta

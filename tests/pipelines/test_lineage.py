@@ -131,3 +131,25 @@ def test_the_promotion_metric_may_be_named_as_the_evaluator_names_it(lineage, tm
     lineage.record_evaluation("props", v, {"eval/AR_10": 0.4}, True)  # MLflow metric names have no "@"
     (teacher, _) = lineage.promote("props", v, PromotionPolicy(metric="AR@10"))
     assert teacher.promoted and teacher.candidate_value == 0.4
+
+
+def test_teacher_alias_is_run_scoped_while_champion_is_best_across_runs(tmp_path):
+    """A new pipeline run starts its own teacher line; champion still needs to beat the best so far."""
+    from pipelines.config import PromotionPolicy
+    from pipelines.lineage import Lineage
+
+    lin = Lineage(f"sqlite:///{tmp_path / 'm.db'}", "exp", (tmp_path / "art").as_uri())
+    policy = PromotionPolicy(metric="AR_10", direction="max", min_delta=0.0)
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    versions = {}
+    for run, value in (("run-a", 0.5), ("run-b", 0.3)):
+        stage = lin.client.create_run(lin.experiment_id, tags={"selftrain.run": run}).info.run_id
+        mv = lin.register_model(stage, "parts", model, tags={"selftrain.run": run})
+        lin.record_evaluation("parts", mv.version, {"AR_10": value}, True)
+        versions[run] = (str(mv.version), {d.alias: d for d in lin.promote("parts", mv.version, policy)})
+    b_version, b_decisions = versions["run-b"]
+    assert b_decisions["teacher"].promoted and "run-a" in b_decisions["teacher"].reason
+    assert not b_decisions["champion"].promoted
+    assert str(lin.client.get_model_version_by_alias("parts", "teacher").version) == b_version
+    assert str(lin.client.get_model_version_by_alias("parts", "champion").version) == versions["run-a"][0]
