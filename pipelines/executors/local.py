@@ -68,6 +68,7 @@ class _Replica:
     node_rank: int
     container: dict[str, Any]
     gpus: int
+    volumes: list = field(default_factory=list)  # the pod template's volumes
     proc: subprocess.Popen | None = None
     known: dict[int, psutil.Process] = field(default_factory=dict)  # the process tree, refreshed while it runs
     tail: deque = field(default_factory=lambda: deque(maxlen=40))
@@ -87,7 +88,12 @@ class LocalExecutor:
         echo: Callable[[str], None] | None = None,
         cwd: str | Path | None = None,
         poll_seconds: float = 0.2,
+        volumes: dict[str, str | Path] | None = None,
     ):
+        """``volumes`` maps a PersistentVolumeClaim name to a directory on this machine: a replica whose
+        container mounts that claim sees the directory at the mountPath, as a kubelet would mount it
+        (a private mount namespace per replica; needs root, like a container runtime)."""
+        self.volumes = {k: Path(v).resolve() for k, v in (volumes or {}).items()}
         self.grace_seconds = grace_seconds
         self.echo = echo if echo is not None else _print
         self.cwd = Path(cwd) if cwd else None
@@ -142,6 +148,7 @@ class LocalExecutor:
                 cmd = [expand(a, env) for a in (c.get("command") or []) + (c.get("args") or [])]
                 if not cmd:
                     raise StageFailed(name, attempt, [], f"{r.name}: the container has neither command nor args")
+                cmd = self._with_mounts(r, cmd, name)
                 log_path = log_dir / f"{r.name}.log"
                 cwd = c.get("workingDir") if c.get("workingDir") and Path(c["workingDir"]).is_dir() else (self.cwd or os.getcwd())
                 try:
@@ -272,6 +279,23 @@ class LocalExecutor:
         for r in replicas:
             r.known.clear()
 
+    def _with_mounts(self, r: _Replica, cmd: list[str], job: str) -> list[str]:
+        """Bind the mapped PVC directories at their mountPaths in a private mount namespace, then exec ``cmd``."""
+        claims = {v["name"]: (v.get("persistentVolumeClaim") or {}).get("claimName") for v in r.volumes}
+        binds = []
+        for m in r.container.get("volumeMounts") or []:
+            claim = claims.get(m.get("name"))
+            if claim in self.volumes:
+                self.volumes[claim].mkdir(parents=True, exist_ok=True)  # an empty claim is an empty folder
+                binds.append((self.volumes[claim], m["mountPath"]))
+        if not binds:
+            return cmd
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            raise StageFailed(job, 0, [], f"{r.name}: mounting PVCs {sorted(c for c in claims.values() if c in self.volumes)} "
+                              "locally needs root and unshare(1) (a private mount namespace, as a container runtime uses)")
+        script = " && ".join(f'mkdir -p "{dst}" && mount --bind "{src}" "{dst}"' for src, dst in binds)
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{script} && exec "$@"', "sh", *cmd]
+
     # -- manifest ------------------------------------------------------------------------------
     @staticmethod
     def _replicas(spec: dict[str, Any]) -> list[_Replica]:
@@ -292,7 +316,8 @@ class LocalExecutor:
             gpus = int(limits.get("nvidia.com/gpu", 0) or 0)
             for i in range(int(rs.get("replicas", 1))):
                 node_rank = i if rtype == "Master" else i + 1
-                out.append(_Replica(rtype=rtype, index=i, node_rank=node_rank, container=c, gpus=gpus))
+                out.append(_Replica(rtype=rtype, index=i, node_rank=node_rank, container=c, gpus=gpus,
+                                    volumes=list(rs["template"]["spec"].get("volumes") or [])))
         return out
 
     @staticmethod
