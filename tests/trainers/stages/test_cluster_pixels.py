@@ -15,16 +15,6 @@ from trainers.stages.train_ranker import LabelMap, RankerTargets
 from trainers.structures import decode_mask
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port()), "SELFTRAIN_PROGRESS": "0"}.items():
-        monkeypatch.setenv(key, value)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster-pixels")

@@ -21,16 +21,6 @@ from trainers.stages.evaluate_parts import run
 KEYS = ("nmi", "ari", "miou", "miou_parts", "miou_hungarian", "miou_hungarian_parts", "AR_200")
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port()), "SELFTRAIN_PROGRESS": "0"}.items():
-        monkeypatch.setenv(key, value)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def gt_labels(samples, shuffle: bool = False, seed: int = 0):
     """Eval samples whose GT parts become labelled proposals: cluster id = the part type permuted per class (or, with
     ``shuffle``, a random cluster per proposal)."""

@@ -16,17 +16,6 @@ from trainers.stages.mine_parts import run
 from trainers.structures import decode_mask, encode_mask
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    """The stage in this process as a world of one (gloo), torn down afterwards."""
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port()), "SELFTRAIN_PROGRESS": "0"}.items():
-        monkeypatch.setenv(key, value)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("mine")

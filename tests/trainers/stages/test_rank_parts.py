@@ -19,16 +19,6 @@ from trainers.structures import decode_mask
 PARAMS = {"k": 3, "score_threshold": 0.0, "batch_size": 8}  # a random-init part model scores about 0.3
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port()), "SELFTRAIN_PROGRESS": "0"}.items():
-        monkeypatch.setenv(key, value)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("rank")
