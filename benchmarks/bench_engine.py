@@ -56,7 +56,7 @@ def worker(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     if args.mode == "deepspeed":
-        from pipelines.spec import StageSpec
+        from contract.spec import StageSpec
         from trainers.engine import deepspeed_config
 
         zero = {"stage": args.zero}

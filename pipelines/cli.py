@@ -30,7 +30,7 @@ def _fail(e: Exception) -> None:
 
 def _known_errors() -> tuple[type[Exception], ...]:
     from pipelines.dvc import DvcError
-    from pipelines.spec import SpecError
+    from contract.spec import SpecError
 
     from pipelines.runner import PipelineError
 

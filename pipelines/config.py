@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from pipelines.spec import (
+from contract.spec import (
     DatasetRef,
     Inputs,
     ModelRef,

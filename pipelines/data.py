@@ -23,7 +23,7 @@ def _progress(samples: Iterable, total: int | None, desc: str, enabled: bool = T
 
 def load_partworld_config(path: str | Path | None):
     """The PartWorld config from a YAML file (validated), or the embedded demo config."""
-    from pipelines.spec import load_model
+    from contract.spec import load_model
     from trainers.data.partworld import PartWorldConfig
 
     return PartWorldConfig.demo() if path is None else load_model(PartWorldConfig, path)

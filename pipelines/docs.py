@@ -14,7 +14,7 @@ BEGIN, END = "<!-- BEGIN CONFIG REFERENCE -->", "<!-- END CONFIG REFERENCE -->"
 DOCUMENTED = [
     ("PartWorld dataset (`configs/partworld-demo.yaml`, `selftrain data generate -c`)", "trainers.data.partworld:PartWorldConfig"),
     ("Pipeline config (`selftrain run <config>`; PartDistillation)", "pipelines.partdistillation:PartDistillationConfig"),
-    ("Stage spec (`python -m trainers <stage> --spec <file>`)", "pipelines.spec:StageSpec"),
+    ("Stage spec (`python -m trainers <stage> --spec <file>`)", "contract.spec:StageSpec"),
 ]
 
 

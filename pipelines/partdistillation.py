@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import Field
 
 from pipelines.config import PIPELINES, PipelineConfig, PromotionPolicy, _Strict
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 
 INSTANCE_TEACHER = "partdistillation-instance-teacher"
 PART_PROPOSALS = "partdistillation-part-proposals"

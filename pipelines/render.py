@@ -42,7 +42,7 @@ from kubernetes.client import (
 )
 
 from pipelines.config import KubernetesConfig
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from pipelines import render
 from pipelines.config import PipelineConfig, load_config
 from pipelines.executors import Executor, StageFailed
-from pipelines.spec import SpecError, StageSpec
+from contract.spec import SpecError, StageSpec
 
 MARKER = "stage.json"  # <workdir>/stage.json: {"fingerprint", "status", "mlflow_run_id", "model_version", "output_hash"}
 

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.spec import SpecError, StageSpec, format_validation_error
+from contract.spec import SpecError, StageSpec, format_validation_error
 from trainers.stages import STAGES, StageResult, UnknownStage, get_stage
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 from trainers.checkpoint import Checkpointer, write_atomic
 
 log = logging.getLogger(__name__)

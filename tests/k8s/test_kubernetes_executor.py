@@ -28,7 +28,7 @@ from pipelines.executors.kubernetes import (
     PyTorchJobBackend,
     StageTimeout,
 )
-from pipelines.spec import Outputs, Resources, StageSpec
+from contract.spec import Outputs, Resources, StageSpec
 
 pytestmark = pytest.mark.cluster
 

@@ -7,7 +7,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.config import PIPELINES, PipelineConfig, load_config
-from pipelines.spec import SpecError, StageSpec
+from contract.spec import SpecError, StageSpec
 
 
 def write(tmp_path: Path, text: str) -> Path:

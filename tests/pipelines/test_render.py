@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipelines import render
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 from control_helpers import make_config
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 from trainers.data.partworld import PartWorldConfig, category_table, generate, part_category_table
 from trainers.data.shards import write_dataset
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 from trainers.engine import ShardStream, TrainConfig, deepspeed_config, lr_lambda
 from trainers.stages.fit_objects import ObjectSegNet
 

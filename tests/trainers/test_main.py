@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipelines.spec import SpecError, StageSpec
+from contract.spec import SpecError, StageSpec
 from trainers.__main__ import load_spec, main, result_document
 from trainers.stages import STAGES, StageResult, UnknownStage, get_stage
 

@@ -1,7 +1,7 @@
 """Trainer stages by name: the ``<stage>`` of ``python -m trainers <stage> --spec <file>``.
 
 A plain dict (STYLE.md: no deep registries). Each entry is ``module:function``, imported only
-when its stage runs; the function takes the :class:`~pipelines.spec.StageSpec` and returns a
+when its stage runs; the function takes the :class:`~contract.spec.StageSpec` and returns a
 :class:`StageResult` on rank 0 (None or a result elsewhere).
 """
 from __future__ import annotations

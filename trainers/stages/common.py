@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 from trainers.data import shards
 from trainers.structures import decode_mask
 
@@ -47,7 +47,7 @@ def dataset_input(spec: StageSpec, name: str) -> str:
 
 def model_input_path(spec: StageSpec, name: str) -> Path:
     """Local file of ``spec.inputs.models[name]`` (a ``models:/`` URI is resolved through MLflow)."""
-    from pipelines.lineage import resolve_model
+    from contract.models import resolve_model
 
     ref = spec.inputs.models.get(name)
     if ref is None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 from trainers.data import shards
 from trainers.engine import MetricLogger, init_distributed
 from trainers.evaluation import PartProposalRecall, coco_proposal_ar, strip_proposals, strip_record

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 from trainers.data import shards
 from trainers.engine import Dist, fit
 from trainers.stages import StageResult

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 from trainers.data import shards
 from trainers.engine import Dist, fit, init_distributed, on_gpu
 from trainers.stages import StageResult
@@ -182,7 +182,7 @@ def import_teacher(source: str, spec: StageSpec) -> Path:
             torch.hub.download_url_to_file(source, str(tmp), progress=False)
             os.replace(tmp, dst)
         return dst
-    from pipelines.lineage import resolve_model
+    from contract.models import resolve_model
 
     try:
         return Path(resolve_model(source, spec.tracking.mlflow_uri))

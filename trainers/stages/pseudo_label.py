@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 from trainers.checkpoint import write_atomic
 from trainers.data import shards
 from trainers.engine import Dist, init_distributed, on_gpu

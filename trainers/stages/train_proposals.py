@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 from trainers.engine import fit
 from trainers.stages import StageResult
 from trainers.stages.common import (

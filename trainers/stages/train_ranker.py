@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 from trainers.checkpoint import write_atomic
 from trainers.data import shards
 from trainers.engine import init_distributed, on_gpu

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.spec import StageSpec
+from contract.spec import StageSpec
 from trainers.data import shards
 from trainers.data.partworld import PartWorldConfig, category_table, generate
 from trainers.models.config import DecoderConfig, EncoderConfig, SegmenterConfig

@@ -69,6 +69,22 @@ class Tracking(_Strict):
     dvc_remote: str | None = Field(default=None, description="DVC remote name or URL datasets are pushed to.")
 
 
+class Promotion(_Strict):
+    """The promotion rule an evaluating stage applies to the model it evaluated (DESIGN.md "Tracking and promotion").
+
+    The candidate is the registered version named by ``inputs.models[candidate]``; it takes each alias
+    from its holder when it beats it on ``metric`` (a key of the stage's result metrics, measured on a
+    selection split, never on the reported one) by more than ``min_delta``. The alias and the decision
+    tags move together.
+    """
+
+    candidate: str = Field(default="candidate", description="Name of the model input that is evaluated.")
+    metric: str = Field(description="Result metric compared (e.g. val/AR_10).")
+    direction: Literal["max", "min"] = Field(default="max", description="max: higher is better; min: lower is better.")
+    min_delta: float = Field(default=0.0, ge=0, description="The candidate must beat the holder by more than this.")
+    aliases: list[str] = Field(default_factory=lambda: ["teacher", "champion"], description="Aliases the rule moves.")
+
+
 class StageSpec(_Strict):
     """Everything one stage needs (DESIGN.md "Stage spec")."""
 
@@ -82,6 +98,7 @@ class StageSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="The method's hyper-parameters.")
     resources: Resources = Field(default_factory=Resources)
     tracking: Tracking = Field(default_factory=Tracking)
+    promotion: Promotion | None = Field(default=None, description="Set on an evaluating stage: the promotion rule it applies to its candidate.")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_json(self) -> str:
