@@ -6,8 +6,9 @@ sample is ``<key>.png`` (or ``<key>.jpg``) plus ``<key>.json`` (the record docum
 names and a write becomes visible only when ``index.json`` is atomically replaced, so a
 failed or interrupted write never destroys the previously published dataset.
 
-Only numpy, PIL and webdataset are imported at module level; ``ShardDataset`` (a torch
-``IterableDataset``) is built lazily on first access.
+Shards are written and read with the standard library's ``tarfile`` (byte-identical to
+``webdataset.TarWriter``'s output, readable by ``webdataset.WebDataset``); only numpy and PIL are
+imported at module level, so this module never imports torch (the control plane imports it).
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 FORMAT_VERSION = 1
@@ -323,8 +323,9 @@ class _ShardWriter:
         self.tmp_path = out / f".{split}-{number:06d}.tar.tmp-{uuid.uuid4().hex}"
         self.file = open(self.tmp_path, "xb")
         self.hashing = _HashingFile(self.file)
-        # Fixed mtime/owner/mode so identical samples give byte-identical shards (DVC).
-        self.tar = wds.TarWriter(self.hashing, user="selftrain", group="selftrain", mode=0o444, encoder=False, mtime=0)
+        # A WebDataset tar, as webdataset.TarWriter writes it: a stream in tarfile's default format, one
+        # member per extension in sorted order. Fixed mtime/owner/mode: identical samples give byte-identical shards (DVC).
+        self.tar = tarfile.open(fileobj=self.hashing, mode="w|")
         self.last_key: str | None = None
         self.keys: set[str] = set()
 
@@ -332,7 +333,10 @@ class _ShardWriter:
         if key in self.keys:
             raise DataError("duplicate key within a shard", source=self.tmp_path, key=key)
         self.keys.add(key)
-        self.tar.write({"__key__": key, ext: image, "json": record})
+        for member_ext, data in sorted({ext: image, "json": record}.items()):
+            info = tarfile.TarInfo(f"{key}.{member_ext}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "selftrain", "selftrain"
+            self.tar.addfile(info, io.BytesIO(data))
         self.count += 1
 
     def finish(self) -> dict:
@@ -566,40 +570,3 @@ def decode_image(data: bytes, *, source: Any = None, key: Any = None) -> np.ndar
             return np.asarray(im.convert("RGB"))
     except Exception as e:
         raise DataError(f"unreadable image: {e}", source=source, key=key) from None
-
-
-# ----------------------------------------------------------------------------- torch wrapper
-
-
-def _make_shard_dataset_class():
-    import torch
-    from torch.utils.data import IterableDataset, get_worker_info
-
-    class ShardDataset(IterableDataset):
-        """torch IterableDataset over a shard directory; rank/world from torch.distributed, worker from get_worker_info()."""
-
-        def __init__(self, dataset_dir, *, decode: bool = True, allow_parts: bool = False, transform=None):
-            super().__init__()
-            self.dataset_dir, self.decode, self.allow_parts, self.transform = str(dataset_dir), decode, allow_parts, transform
-
-        def consumer(self) -> dict:
-            dist = torch.distributed
-            ddp = dist.is_available() and dist.is_initialized()
-            info = get_worker_info()
-            return {"rank": dist.get_rank() if ddp else 0, "world_size": dist.get_world_size() if ddp else 1,
-                    "worker": info.id if info else 0, "num_workers": info.num_workers if info else 1}
-
-        def __iter__(self):
-            it = iter_samples(self.dataset_dir, decode=self.decode, allow_parts=self.allow_parts, **self.consumer())
-            return it if self.transform is None else map(self.transform, it)
-
-    ShardDataset.__module__ = __name__
-    return ShardDataset
-
-
-def __getattr__(name: str):
-    if name == "ShardDataset":  # built on first use so that importing this module never imports torch
-        cls = _make_shard_dataset_class()
-        globals()["ShardDataset"] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
