@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 $(BIN)/selftrain: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ demo: setup  ## the main job: generate + version the demo dataset, then run Part
 	$(BIN)/selftrain data generate
 	$(BIN)/selftrain run configs/partdistillation-demo.yaml
 
-test: setup  ## run the whole test suite (what CI runs)
+lint: setup  ## ruff + the plane boundary (import-linter contracts in pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo
+
+test: setup lint  ## lint, then the whole test suite (what CI runs)
 	$(BIN)/python -m pytest
 
 bench: setup  ## run the benchmarks behind BENCHMARKS.md
