@@ -3,7 +3,13 @@
 Generic sections (workspace, tracking, executor, kubernetes, resources, deepspeed, promotion,
 an explicit ``stages`` list) live here. A pipeline contributes its own typed section by
 subclassing :class:`PipelineConfig`, adding one field named after itself, overriding
-:meth:`PipelineConfig.stage_specs`, and listing the subclass in :data:`PIPELINES`.
+:meth:`PipelineConfig.stage_specs`, and listing the subclass in :data:`PIPELINES`
+(docs/architecture.md "Adding a pipeline").
+
+Stage params are checked when the config loads, before anything runs: every ``stages[i].params``
+and every pass-through dict declared with :func:`stage_params` against the trainer's params model
+(``contract.stages``), then every stage spec the pipeline builds. Errors name the file, the key
+path and the allowed keys.
 """
 from __future__ import annotations
 
@@ -11,24 +17,34 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
 
+from contract import stages as registry
+from contract.io import deep_merge as _merge
 from contract.spec import (
     DatasetRef,
     Inputs,
     ModelRef,
     Outputs,
+    Promotion,
     Resources,
     SpecError,
     StageSpec,
     Tracking,
+    _Strict,
     format_validation_error,
     load_model,
 )
 
+STAGE_KEY = "selftrain_stage"  # json_schema_extra key: the trainer whose params a pass-through dict holds
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def stage_params(stage: str, description: str) -> Any:
+    """A pipeline-section field holding overrides of trainer ``stage``'s params, validated against its params model at load time."""
+    if stage not in registry.PENDING:
+        registry.get(stage)  # a typo in the pipeline's own code fails at import
+    return Field(default_factory=dict, description=f"{description} Keys: `python -m trainers {stage} --help`.",
+                 json_schema_extra={STAGE_KEY: stage})
 
 
 class Workspace(_Strict):
@@ -153,6 +169,16 @@ class StageConfig(_Strict):
     output_dataset: str | None = Field(default=None, description="Dataset directory written (relative: to workspace.data).")
     output_model: str | None = Field(default=None, description="Registered-model name the trained weights become a version of.")
     resources: dict[str, Any] = Field(default_factory=dict, description="Overrides of the default resources (replicas, nproc_per_node, ...).")
+    promotion: Promotion | None = Field(default=None, description="An evaluating stage's promotion rule for the model it evaluates (inputs.models[candidate]).")
+
+    @model_validator(mode="after")
+    def _known_trainer(self) -> "StageConfig":
+        if self.stage not in registry.PENDING:
+            registry.get(self.stage)  # UnknownStage lists the known trainers
+        unknown = sorted(set(self.resources) - set(Resources.model_fields))
+        if unknown:
+            raise ValueError(f"resources.{unknown[0]}: unknown key (allowed: {', '.join(sorted(Resources.model_fields))})")
+        return self
 
 
 class PipelineConfig(_Strict):
@@ -218,6 +244,7 @@ class PipelineConfig(_Strict):
         output_dataset: str | None = None,
         output_model: str | None = None,
         resources: dict[str, Any] | None = None,
+        promotion: Promotion | None = None,
     ) -> StageSpec:
         """A stage spec with this config's defaults filled in (workdir <runs>/<run>/<name>)."""
         name = name or stage
@@ -243,11 +270,15 @@ class PipelineConfig(_Strict):
             params=dict(params or {}),
             resources=Resources.model_validate(res),
             tracking=Tracking(mlflow_uri=self.tracking_uri(), experiment=self.tracking.experiment, dvc_remote=self.paths.dvc_remote),
+            promotion=promotion,
         )
 
-    def promotion_for(self, model: str) -> "PromotionPolicy":
-        """The promotion rule of a registered model (one rule for all, unless a pipeline says otherwise)."""
+    def promotion_for(self, model: str) -> "PromotionPolicy":  # TODO(integration): the runner reads spec.promotion instead
         return self.promotion
+
+    def promotion_rule(self, metric: str, candidate: str = "candidate") -> Promotion:
+        """The config's promotion policy (direction, min_delta) applied to ``metric`` of input ``candidate``."""
+        return Promotion(candidate=candidate, metric=metric, direction=self.promotion.direction, min_delta=self.promotion.min_delta)
 
     def report(self, result: Any, lineage: Any) -> str:
         """A pipeline's final report after all stages succeeded (logged to the parent MLflow run); none by default."""
@@ -259,6 +290,7 @@ class PipelineConfig(_Strict):
             self.new_stage_spec(
                 run, s.stage, s.name, params=s.params, datasets=s.datasets, models=s.models,
                 output_dataset=s.output_dataset, output_model=s.output_model, resources=s.resources,
+                promotion=s.promotion,
             )
             for s in self.stages
         ]
@@ -288,8 +320,12 @@ def load_config(path: str | Path, model: type[PipelineConfig] | None = None) -> 
         if name not in PIPELINES:
             raise SpecError(f"{path}: invalid configuration\n  pipeline: unknown pipeline {name!r} (known: {', '.join(sorted(PIPELINES))})")
         model = PIPELINES[name]
-    cfg = load_model(model, path)
+    try:
+        cfg = load_model(model, path)
+    except registry.UnknownStage as e:
+        raise SpecError(f"{path}: invalid configuration\n  {e}") from None
     cfg._base_dir = path.resolve().parent
+    check_stage_params(cfg, str(path))
     return cfg
 
 
@@ -299,13 +335,58 @@ def config_from_dict(data: dict[str, Any], base_dir: str | Path = ".", model: ty
         cfg = model.model_validate(data)
     except ValidationError as e:
         raise SpecError(format_validation_error(e, source)) from e
+    except registry.UnknownStage as e:
+        raise SpecError(f"{source}: invalid configuration\n  {e}") from None
     cfg._base_dir = Path(base_dir).resolve()
+    check_stage_params(cfg, source)
     return cfg
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; ``over`` wins."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def check_stage_params(cfg: PipelineConfig, source: str) -> None:
+    """Every stage's params against its trainer's params model: first what the file says, then the stages it builds.
+
+    Raises SpecError naming ``source``, each bad key path and the allowed keys.
+    """
+    problems: list[str] = []
+    for path, stage, params in _declared_stage_params(cfg):
+        if stage in registry.PENDING:
+            continue
+        try:
+            registry.get(stage).parse(params, source=path)
+        except registry.ParamsError as e:
+            problems += str(e).splitlines()
+    if not problems:  # the built stages: what the pipeline adds to the user's params must validate too
+        for spec in cfg.stage_specs("config-check"):
+            if spec.stage in registry.PENDING:
+                continue
+            try:
+                d = registry.get(spec.stage)
+                d.parse(spec.params, source=f"stage {spec.name} ({spec.stage}) params")
+            except (registry.ParamsError, registry.UnknownStage) as e:
+                problems += str(e).splitlines()
+                continue
+            missing = d.missing_inputs(set(spec.inputs.datasets), set(spec.inputs.models))
+            if missing:
+                problems.append(f"stage {spec.name} ({spec.stage}): missing inputs {', '.join(missing)}")
+            if d.output_dataset and not spec.outputs.dataset:
+                problems.append(f"stage {spec.name} ({spec.stage}): needs an output dataset")
+    if problems:
+        raise SpecError(f"{source}: invalid configuration\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _declared_stage_params(model: BaseModel, prefix: str = ""):
+    """(key path, trainer, params dict) of every ``stages[i].params`` and :func:`stage_params` field in a config."""
+    if isinstance(model, StageConfig):
+        yield f"{prefix}params", model.stage, model.params
+        return
+    for name, f in type(model).model_fields.items():
+        value = getattr(model, name)
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        if STAGE_KEY in extra:
+            yield f"{prefix}{name}", extra[STAGE_KEY], value
+        elif isinstance(value, BaseModel):
+            yield from _declared_stage_params(value, f"{prefix}{name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    yield from _declared_stage_params(item, f"{prefix}{name}.{i}.")

@@ -6,13 +6,16 @@ version can be checked out again by that hash alone, from the cache or the remot
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -61,6 +64,30 @@ def find_root(path: str | Path) -> Path:
     raise DvcError(f"{path}: not inside a DVC repository (run `selftrain data init` or `dvc init` first)")
 
 
+@contextmanager
+def repo_lock(root: str | Path) -> Iterator[None]:
+    """Exclusive lock of one repository's DVC and git state (``<root>/.git/selftrain.lock``, flock).
+
+    Stage jobs running side by side version their datasets in the same workspace repository; DVC's
+    own lock makes a second ``dvc add`` fail at once and git's index lock does the same, so every
+    writing DVC command of this module waits here for its turn instead. (A repository without git
+    keeps the lock in ``.dvc/tmp``; a folder that is no repository yet gets the ``.git`` folder
+    that ``git init`` then fills.)
+    """
+    root = Path(root)
+    if (root / ".dvc").is_dir() and not (root / ".git").is_dir():
+        lock = root / ".dvc" / "tmp" / "selftrain.lock"
+    else:
+        lock = root / ".git" / "selftrain.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def ensure_repo(root: str | Path, remote: str | None = None, remote_name: str = DEFAULT_REMOTE) -> Path:
     """Make ``root`` a git + DVC repository with a default remote (a local directory unless a URL is given).
 
@@ -69,8 +96,12 @@ def ensure_repo(root: str | Path, remote: str | None = None, remote_name: str = 
     ``dvc remote modify``).
     """
     root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / ".git").exists():
+    with repo_lock(root):
+        return _ensure_repo(root, remote, remote_name)
+
+
+def _ensure_repo(root: Path, remote: str | None, remote_name: str) -> Path:
+    if not (root / ".git" / "HEAD").exists():
         git(root, "init", "-q")
     if not (root / ".dvc").is_dir():
         dvc(root, "init", "-q")
@@ -105,8 +136,9 @@ def add(path: str | Path, root: str | Path | None = None) -> DataVersion:
     if not path.is_dir():
         raise DvcError(f"{path}: no such dataset directory")
     root = Path(root).resolve() if root else find_root(path)
-    dvc(root, "add", "-q", str(path.relative_to(root)))
-    return _read_dvc_file(path.with_name(path.name + ".dvc"))
+    with repo_lock(root):
+        dvc(root, "add", "-q", str(path.relative_to(root)))
+        return _read_dvc_file(path.with_name(path.name + ".dvc"))
 
 
 def version_of(path: str | Path) -> DataVersion:
@@ -136,7 +168,27 @@ def dataset_hash(path: str | Path) -> str:
 def push(targets: list[str | Path], root: str | Path, remote: str | None = None) -> None:
     """Upload tracked datasets to the remote (default remote unless named)."""
     args = ["push", "-q"] + (["-r", remote] if remote else []) + [str(Path(t).resolve().relative_to(Path(root).resolve())) for t in targets]
-    dvc(root, *args)
+    with repo_lock(root):
+        dvc(root, *args)
+
+
+def version_output(path: str | Path, default_root: str | Path | None = None, remote: str | None = None) -> DataVersion:
+    """Version a dataset a stage wrote and push it: ``dvc add`` in the DVC repository holding it, then ``dvc push``.
+
+    Without a repository around ``path``, one is made at ``default_root`` (git + DVC, default remote
+    ``remote``) first; without ``default_root`` that is an error.
+    """
+    try:
+        root = find_root(path)
+    except DvcError:
+        if default_root is None:
+            raise
+        root = ensure_repo(default_root, remote=remote)
+        if Path(default_root).resolve() not in Path(path).resolve().parents:
+            raise DvcError(f"{path}: not inside the DVC repository {default_root}") from None
+    version = add(path, root)
+    push([path], root)  # every dataset version also lives on the remote
+    return version
 
 
 def pull(targets: list[str | Path], root: str | Path, remote: str | None = None) -> None:

@@ -1,28 +1,14 @@
-"""Trainer stages by name: the ``<stage>`` of ``python -m trainers <stage> --spec <file>``.
+"""The stage programs: one module per trainer, each holding its program only (docs/architecture.md "Stage registry").
 
-A plain dict (STYLE.md: no deep registries). Each entry is ``module:function``, imported only
-when its stage runs; the function takes the :class:`~contract.spec.StageSpec` and returns a
-:class:`StageResult` on rank 0 (None or a result elsewhere).
+Which module runs for ``python -m trainers <stage>`` is declared by the stage's definition in
+``contract.stages`` (``entry``: ``module:function``); the function takes the
+:class:`~contract.spec.StageSpec` and returns a :class:`StageResult` on rank 0 (None elsewhere).
+Stage modules never import each other: code two stages need lives in the library
+(``trainers.parts``, ``trainers.evaluation``, ``trainers.models``, ``trainers.comm``, ...).
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-STAGES: dict[str, str] = {
-    "fit-objects": "trainers.stages.fit_objects:run",
-    "instance-teacher": "trainers.stages.instance_teacher:run",
-    "train-proposals": "trainers.stages.train_proposals:run",
-    "pseudo-label": "trainers.stages.pseudo_label:run",
-    "mine-parts": "trainers.stages.mine_parts:run",
-    "evaluate-proposals": "trainers.stages.evaluate_proposals:run",
-    "evaluate-parts": "trainers.stages.evaluate_parts:run",
-    "cluster-pixels": "trainers.stages.cluster_pixels:run",
-    "rank-parts": "trainers.stages.rank_parts:run",
-    "train-ranker": "trainers.stages.train_ranker:run",
-    "rank-pseudo-label": "trainers.stages.train_ranker:run_relabel",
-}
 
 
 @dataclass
@@ -33,16 +19,3 @@ class StageResult:
     model_path: str | None = None
     dataset_path: str | None = None
     steps: int = 0
-
-
-class UnknownStage(KeyError):
-    def __str__(self) -> str:
-        return f"unknown stage {self.args[0]!r}; known stages: {', '.join(sorted(STAGES))}"
-
-
-def get_stage(name: str) -> Callable[[Any], StageResult | None]:
-    """The stage function for ``name`` (imports its module)."""
-    if name not in STAGES:
-        raise UnknownStage(name)
-    module, func = STAGES[name].split(":")
-    return getattr(importlib.import_module(module), func)

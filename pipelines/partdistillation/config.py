@@ -1,0 +1,102 @@
+"""The PartDistillation pipeline config: its typed section (paper values by default) and the registered model names."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from contract.spec import StageSpec
+from pipelines.config import PIPELINES, PipelineConfig, _Strict, stage_params
+
+INSTANCE_TEACHER = "partdistillation-instance-teacher"
+PART_PROPOSALS = "partdistillation-part-proposals"
+PART_RANKER = "partdistillation-part-ranker"
+ONE_STAGE = "partdistillation-one-stage-baseline"
+
+
+class TeacherParams(_Strict):
+    """The instance segmentation teacher (encoder + object decoder), trained on object labels."""
+
+    import_from: str | None = Field(default=None, description="Use this segmenter instead of training a teacher: a file or a models:/<name>@<alias> or models:/<name>/<version> URI (a pinned model input of the instance-teacher stage, recorded in lineage).")
+    params: dict[str, Any] = stage_params("instance-teacher", "Overrides of the instance-teacher trainer's params (steps, lr, model, ...).")
+
+
+class MiningParams(_Strict):
+    """Part mining by k-means inside instance masks (PartDistillation sec. 4.2)."""
+
+    k: int = Field(default=4, ge=1, description="Clusters (part proposals) per instance.")
+    objects: str = Field(default="detected", pattern="^(detected|gt)$", description="Instance masks to mine in: the teacher's detections or the dataset's object labels.")
+    score_threshold: float = Field(default=0.5, ge=0, le=1, description="Detections below this score are not mined.")
+    min_part_area: float = Field(default=0.05, ge=0, le=1, description="Proposals below this fraction of their object are dropped.")
+    min_object_area: float = Field(default=0.01, ge=0, le=1, description="Objects below this fraction of the image are skipped.")
+    refine: bool = Field(default=False, description="Smooth each instance's assignment with a colour-affinity (CRF-like) step.")
+    params: dict[str, Any] = stage_params("mine-parts", "Further mine-parts params passed through.")
+
+
+class RoundParams(_Strict):
+    """Self-training rounds of the class-agnostic part decoder."""
+
+    rounds: int = Field(default=2, ge=1, description="R: rounds of train -> evaluate -> promote -> pseudo-label.")
+    train: dict[str, Any] = stage_params("train-proposals", "Overrides of the train-proposals trainer's params (steps, lr, queries, ...).")
+    pseudo_label_score_threshold: float = Field(default=0.5, ge=0, le=1, description="Predicted parts below this score are not kept as pseudo-labels.")
+    pseudo_label: dict[str, Any] = stage_params("pseudo-label", "Further pseudo-label params passed through.")
+    promotion_metric: str = Field(default="eval/AR_10", description="Metric the part-proposal teacher alias moves on.")
+    init_from_previous: bool = Field(default=True, description="Rounds after the first start from the previous round's part decoder.")
+    later_rounds_lr: float | None = Field(default=5e-4, gt=0, description="Learning rate of rounds after the first (None: the train params' lr).")
+
+
+class EvaluationParams(_Strict):
+    """Class-agnostic part proposal recall on the held-out part masks."""
+
+    max_dets: list[int] = Field(default_factory=lambda: [1, 10, 50, 100, 200], description="AR@k for these k.")
+    params: dict[str, Any] = stage_params("evaluate-proposals", "Further evaluate-proposals params passed through.")
+
+
+class RankingParams(_Strict):
+    """Class-specific part ranking and the final self-training (sec. 4.3)."""
+
+    enabled: bool = Field(default=True, description="Run stage 2 (ranking, final self-training, part evaluation, baselines).")
+    k: int = Field(default=8, ge=1, description="Part clusters per object class.")
+    score_threshold: float = Field(default=0.3, ge=0, le=1, description="Candidates: part score above this.")
+    min_part_area: float = Field(default=0.05, ge=0, le=1, description="Candidates: at least this fraction of their object.")
+    objects: str = Field(default="gt", pattern="^(detected|gt)$", description="Objects parts are assigned to while training: the train split's object labels or the teacher's detections.")
+    rounds: int = Field(default=1, ge=1, description="R': rounds of train-ranker -> evaluate -> promote -> relabel.")
+    train: dict[str, Any] = stage_params("train-ranker", "Overrides of the train-ranker trainer's params (steps, lr, ...).")
+    one_stage_rounds: int = Field(default=1, ge=0, description="Self-training rounds of the one-stage baseline (0: skip that baseline).")
+    kmeans_baseline: bool = Field(default=True, description="Evaluate dataset-level k-means of pixel features per class alone.")
+    promotion_metric: str = Field(default="eval/gt/miou", description="Metric the ranker's teacher alias moves on.")
+    evaluation: dict[str, Any] = stage_params("evaluate-parts", "Further evaluate-parts params passed through.")
+    purity_grids: bool = Field(default=True, description="Write 3x3 purity grids per (object class, part cluster) with an HTML index.")
+
+
+class PartDistillationSection(_Strict):
+    """What PartDistillation runs on and with which hyper-parameters (paper values by default)."""
+
+    train: str = Field(default="partworld-demo/train", description="Training images with object labels (relative: to workspace.data).")
+    eval: str = Field(default="partworld-demo/eval", description="Held-out split with part masks (relative: to workspace.data); only evaluation reads it.")
+    teacher: TeacherParams = Field(default_factory=TeacherParams, description="Instance teacher.")
+    mining: MiningParams = Field(default_factory=MiningParams, description="Part mining (sec. 4.2).")
+    proposals: RoundParams = Field(default_factory=RoundParams, description="Self-training rounds of part proposals.")
+    evaluation: EvaluationParams = Field(default_factory=EvaluationParams, description="Proposal evaluation.")
+    ranking: RankingParams = Field(default_factory=RankingParams, description="Class-specific part ranking, final self-training, baselines (sec. 4.3, 5).")
+
+
+class PartDistillationConfig(PipelineConfig):
+    """Pipeline config with a ``partdistillation`` section."""
+
+    pipeline: str = Field(default="partdistillation", description="Pipeline name: selects the typed section and the stage builder.")
+    partdistillation: PartDistillationSection = Field(default_factory=PartDistillationSection, description="The method's settings.")
+
+    def stage_specs(self, run: str) -> list[StageSpec]:
+        from pipelines.partdistillation.graph import build_stages
+
+        return build_stages(self, run)
+
+    def report(self, result: Any, lineage: Any) -> str:
+        """Final tables (printed, logged to the parent MLflow run), the metrics-per-round plot and purity grids."""
+        from pipelines.partdistillation.report import write_report
+
+        return write_report(self, result, lineage)
+
+
+PIPELINES["partdistillation"] = PartDistillationConfig
