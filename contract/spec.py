@@ -118,13 +118,41 @@ class StageSpec(_Strict):
         return load_model(cls, path)
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+    """One line per bad key (``<key path>: <problem>``) under ``<source>: invalid configuration``.
+
+    With ``model`` (the class validated), an unknown key lists the keys allowed at its place.
+    """
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key (not allowed)" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = allowed_keys(model, e["loc"][:-1]) if model is not None else []
+            msg = f"unknown key (allowed: {', '.join(allowed)})" if allowed else "unknown key (not allowed)"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
+
+
+def allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the model found by following ``loc`` (field names, list indices) from ``model``; [] if none."""
+    import typing
+
+    def models_in(ann) -> list[type[BaseModel]]:
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return [ann]
+        return [m for a in typing.get_args(ann) for m in models_in(a)]
+
+    current: list[type[BaseModel]] = [model]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        nxt = [m for c in current if str(part) in c.model_fields for m in models_in(c.model_fields[str(part)].annotation)]
+        if not nxt:
+            return []
+        current = nxt
+    return sorted({f for c in current for f in c.model_fields})
 
 
 def load_model(cls, path: str | Path):
@@ -143,4 +171,4 @@ def load_model(cls, path: str | Path):
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise SpecError(format_validation_error(e, str(path))) from e
+        raise SpecError(format_validation_error(e, str(path), cls)) from e

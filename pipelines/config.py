@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from contract import stages as registry
 from contract.io import deep_merge as _merge
@@ -171,14 +171,20 @@ class StageConfig(_Strict):
     resources: dict[str, Any] = Field(default_factory=dict, description="Overrides of the default resources (replicas, nproc_per_node, ...).")
     promotion: Promotion | None = Field(default=None, description="An evaluating stage's promotion rule for the model it evaluates (inputs.models[candidate]).")
 
-    @model_validator(mode="after")
-    def _known_trainer(self) -> "StageConfig":
-        if self.stage not in registry.PENDING:
-            registry.get(self.stage)  # UnknownStage lists the known trainers
-        unknown = sorted(set(self.resources) - set(Resources.model_fields))
+    @field_validator("stage")
+    @classmethod
+    def _known_trainer(cls, v: str) -> str:
+        if v not in registry.PENDING and v not in registry.STAGES:
+            raise ValueError(str(registry.UnknownStage(v)))
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _known_resources(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(Resources.model_fields))
         if unknown:
-            raise ValueError(f"resources.{unknown[0]}: unknown key (allowed: {', '.join(sorted(Resources.model_fields))})")
-        return self
+            raise ValueError(f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(Resources.model_fields))})")
+        return v
 
 
 class PipelineConfig(_Strict):
@@ -334,7 +340,7 @@ def config_from_dict(data: dict[str, Any], base_dir: str | Path = ".", model: ty
     try:
         cfg = model.model_validate(data)
     except ValidationError as e:
-        raise SpecError(format_validation_error(e, source)) from e
+        raise SpecError(format_validation_error(e, source, model)) from e
     except registry.UnknownStage as e:
         raise SpecError(f"{source}: invalid configuration\n  {e}") from None
     cfg._base_dir = Path(base_dir).resolve()

@@ -31,7 +31,7 @@ def load_spec(source: str) -> StageSpec:
         try:
             return StageSpec.model_validate_json(text)
         except ValidationError as e:
-            raise SpecError(format_validation_error(e, f"${var}")) from e
+            raise SpecError(format_validation_error(e, f"${var}", StageSpec)) from e
     return StageSpec.load(source)
 
 
