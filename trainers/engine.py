@@ -224,8 +224,7 @@ class MetricLogger:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, initial=initial, desc=spec.name, unit="step", dynamic_ncols=True,
-                        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-                        disable=os.environ.get("SELFTRAIN_PROGRESS", "1") == "0")
+                        mininterval=0.5 if sys.stderr.isatty() else 30.0)  # TQDM_DISABLE=1 turns it off (tqdm reads it)
         if self.run_id is not None:
             from mlflow.tracking import MlflowClient
 
