@@ -17,9 +17,8 @@ demo: setup  ## the main job: generate + version the demo dataset, then run Part
 	$(BIN)/selftrain data generate
 	$(BIN)/selftrain run configs/partdistillation-demo.yaml
 
-lint: setup  ## ruff + the plane boundary (import-linter contracts in pyproject.toml)
-	$(BIN)/ruff check .
-	$(BIN)/lint-imports --no-logo
+lint: setup  ## ruff + the plane boundary (import-linter contracts in pyproject.toml); runs both, fails if either fails
+	rc=0; $(BIN)/ruff check . || rc=1; $(BIN)/lint-imports --no-logo || rc=1; exit $$rc
 
 test: setup lint  ## lint, then the whole test suite (what CI runs)
 	$(BIN)/python -m pytest
