@@ -3,8 +3,10 @@
 Importers read files as real datasets ship them (polygons or RLE, compressed or not; ``iscrowd``
 as 0/1 or a boolean; extra fields ignored; a "background" category dropped; any category ids)
 and write shards with ``trainers.data.shards.write_dataset``. Every problem with a sample is a
-``DataError`` naming the file and the sample; with ``skip_bad=True`` the sample is quarantined
-(listed in the index) instead. Category ids are kept as the source file numbers them.
+``DataError`` naming the file, the sample, the annotation id and the field; with ``skip_bad=True``
+the sample is quarantined (listed in the index) instead. Category ids are kept as the source file
+numbers them. Polygons that overshoot the image by a few pixels are clipped to it, not rejected
+(see ``clip_tolerance``); the counts are published as ``index.notes["import"]``.
 """
 from __future__ import annotations
 
@@ -26,7 +28,31 @@ from trainers.structures import mask_area, mask_bbox
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 BACKGROUND_NAMES = {"background", "bg", "_background_", "__background__"}
-POLYGON_TOLERANCE = 1.0  # pixels a polygon vertex may lie outside the image (rounding in real datasets)
+# Polygons may overshoot the image a little (annotation tools let vertices sit past the border of a
+# truncated object; real datasets have 1-2 px overshoots): such a polygon is clipped to the image
+# (its mask is polygon & image, exactly) and counted in the import report. A vertex farther out
+# than CLIP_TOLERANCE_PX or CLIP_TOLERANCE_FRACTION of the image side on that axis, whichever is
+# larger, is clearly broken geometry and a DataError, as is a polygon entirely outside the image.
+CLIP_TOLERANCE_PX = 16.0
+CLIP_TOLERANCE_FRACTION = 0.1
+
+
+def clip_tolerance(side: int) -> float:
+    """How far (pixels) a polygon vertex may lie outside an image axis of ``side`` pixels and still be clipped."""
+    return max(CLIP_TOLERANCE_PX, CLIP_TOLERANCE_FRACTION * side)
+
+
+def new_report() -> dict:
+    """Counters an importer fills and publishes as ``index.notes["import"]``."""
+    return {"clipped_polygons": 0, "clipped_annotations": 0, "max_overshoot_px": 0.0}
+
+
+def _add_report(total: dict | None, part: dict) -> None:
+    if total is None:
+        return
+    total["clipped_polygons"] += part["clipped_polygons"]
+    total["clipped_annotations"] += part["clipped_annotations"]
+    total["max_overshoot_px"] = max(total["max_overshoot_px"], part["max_overshoot_px"])
 
 
 # ----------------------------------------------------------------------------- images
@@ -169,25 +195,70 @@ def _rle_counts_total(counts: bytes) -> int | None:
     return total
 
 
-def segmentation_to_rle(seg: Any, h: int, w: int, *, what: str, source: Any, key: Any) -> dict:
+def _polygon(p: Any, field: str, h: int, w: int, bad) -> tuple[np.ndarray, float]:
+    """Check one polygon; return (flat float array, how far it overshoots the image in px, 0 if inside)."""
+    if not isinstance(p, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in p):
+        raise bad(f"{field} must be a flat list of numbers x1, y1, x2, y2, ...")
+    if len(p) % 2:
+        raise bad(f"{field} has an odd number of coordinates ({len(p)})")
+    if len(p) < 6:
+        raise bad(f"{field} has {len(p) // 2} point(s); a polygon needs at least 3")
+    a = np.asarray(p, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise bad(f"{field} has non-finite coordinates (NaN or inf)")
+    xs, ys = a[0::2], a[1::2]
+    extent = f"x in [{xs.min():g}, {xs.max():g}], y in [{ys.min():g}, {ys.max():g}]"
+    if xs.max() <= 0 or ys.max() <= 0 or xs.min() >= w or ys.min() >= h:
+        raise bad(f"{field}: polygon entirely outside the {w}x{h} (WxH) image ({extent})")
+    over_x = max(-xs.min(), xs.max() - w, 0.0)
+    over_y = max(-ys.min(), ys.max() - h, 0.0)
+    if over_x > clip_tolerance(w) or over_y > clip_tolerance(h):
+        raise bad(f"{field}: polygon outside the {w}x{h} (WxH) image by {max(over_x, over_y):g} px ({extent}), "
+                  f"beyond the clipping tolerance of {clip_tolerance(w):g} x {clip_tolerance(h):g} px")
+    return a, float(max(over_x, over_y))
+
+
+def _clipped_polygon_rle(a: np.ndarray, h: int, w: int, overshoot: float) -> dict:
+    """The mask of polygon ``a`` intersected with the h x w image: rasterised on a canvas that holds the
+    whole polygon (pycocotools' rules), then cropped, so it equals the unclipped polygon's pixels inside
+    (pycocotools' own clipping at the border is close but not exact)."""
+    pad = int(np.ceil(overshoot)) + 2
+    shifted = (a + pad).tolist()
+    big = mask_utils.decode(mask_utils.frPyObjects([shifted], h + 2 * pad, w + 2 * pad))[:, :, 0]
+    return mask_utils.encode(np.asfortranarray(big[pad:pad + h, pad:pad + w]))
+
+
+def segmentation_to_rle(seg: Any, h: int, w: int, *, what: str, source: Any, key: Any,
+                        report: dict | None = None) -> dict:
     """COCO segmentation (polygons, uncompressed or compressed RLE) -> compressed RLE with str counts.
 
-    DataError if malformed, if a polygon leaves the image (beyond POLYGON_TOLERANCE) or if the
-    RLE's size or run lengths do not match the image.
+    Polygons that overshoot the image by up to ``clip_tolerance`` are clipped to it and counted in
+    ``report`` (see ``new_report``). DataError, naming ``what`` and the field, if malformed: a polygon
+    with fewer than 3 points, non-numeric or non-finite coordinates, entirely outside the image or
+    beyond the tolerance; an RLE whose size or run lengths do not match the image.
     """
     def bad(reason: str) -> DataError:
         return DataError(f"{what}: {reason}", source=source, key=key)
 
     if isinstance(seg, list):
-        polys = [np.asarray(p, dtype=np.float64) for p in seg] if seg and isinstance(seg[0], (list, tuple)) else [np.asarray(seg, dtype=np.float64)]
-        if not polys or any(p.ndim != 1 or len(p) < 6 or len(p) % 2 for p in polys):
-            raise bad("polygons must be lists of >= 3 (x, y) pairs")
-        for p in polys:
-            xs, ys = p[0::2], p[1::2]
-            if not (np.isfinite(p).all() and xs.min() >= -POLYGON_TOLERANCE and ys.min() >= -POLYGON_TOLERANCE
-                    and xs.max() <= w + POLYGON_TOLERANCE and ys.max() <= h + POLYGON_TOLERANCE):
-                raise bad(f"polygon outside the {w}x{h} (WxH) image: x in [{xs.min():g}, {xs.max():g}], y in [{ys.min():g}, {ys.max():g}]")
-        rle = mask_utils.merge(mask_utils.frPyObjects([p.tolist() for p in polys], h, w))
+        if not seg:
+            raise bad("segmentation is an empty list (no polygon)")
+        nested = isinstance(seg[0], (list, tuple))
+        raw = seg if nested else [seg]
+        rles, overshoots = [], []
+        for i, p in enumerate(raw):
+            field = f"segmentation[{i}]" if nested else "segmentation"
+            a, over = _polygon(p, field, h, w, bad)
+            if over > 0:
+                overshoots.append(over)
+                rles.append(_clipped_polygon_rle(a, h, w, over))
+            else:
+                rles.extend(mask_utils.frPyObjects([a.tolist()], h, w))
+        rle = mask_utils.merge(rles) if len(rles) > 1 else rles[0]
+        if report is not None and overshoots:
+            report["clipped_polygons"] += len(overshoots)
+            report["clipped_annotations"] += 1
+            report["max_overshoot_px"] = max(report["max_overshoot_px"], round(max(overshoots), 3))
     elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
         try:
             size = [int(v) for v in seg["size"]]
@@ -231,8 +302,10 @@ def _image_header(im: Any, i: int, path: Path) -> tuple[int, str, tuple[int, int
 
 
 def _annotations(anns: list[dict], h: int, w: int, cats: tuple[list[dict], set[int]], path: Path, key: str, *,
-                 crowd: bool) -> list[dict]:
-    """COCO annotations of one image -> record annotations (ids 1..n in file order); background ones dropped."""
+                 crowd: bool, report: dict | None = None) -> list[dict]:
+    """COCO annotations of one image -> record annotations (ids 1..n in file order); background ones dropped.
+
+    Clipped polygons are counted in ``report``."""
     cat_ids, background = {c["id"] for c in cats[0]}, cats[1]
     out = []
     for a in anns:
@@ -244,7 +317,7 @@ def _annotations(anns: list[dict], h: int, w: int, cats: tuple[list[dict], set[i
             continue
         if cid not in cat_ids:
             raise DataError(f"{what}.category_id {cid} is not in 'categories'", source=path, key=key)
-        rle = segmentation_to_rle(a["segmentation"], h, w, what=what, source=path, key=key)
+        rle = segmentation_to_rle(a["segmentation"], h, w, what=what, source=path, key=key, report=report)
         ann = {"id": len(out) + 1, "category_id": cid, "segmentation": rle, "area": mask_area(rle), "bbox": mask_bbox(rle)}
         if crowd:
             ann["iscrowd"] = _iscrowd(a.get("iscrowd", 0), what, path, key)
@@ -255,8 +328,11 @@ def _annotations(anns: list[dict], h: int, w: int, cats: tuple[list[dict], set[i
 # ----------------------------------------------------------------------------- COCO instances
 
 
-def coco_samples(instances_json: str | os.PathLike, image_dir: str | os.PathLike) -> tuple[list[dict], Iterator]:
-    """(categories, samples) of a COCO instance file: one sample per image, its objects from the annotations."""
+def coco_samples(instances_json: str | os.PathLike, image_dir: str | os.PathLike, *,
+                 report: dict | None = None) -> tuple[list[dict], Iterator]:
+    """(categories, samples) of a COCO instance file: one sample per image, its objects from the annotations.
+
+    ``report`` (from ``new_report``) counts the clipped polygons of the samples yielded."""
     path, root = Path(instances_json), Path(image_dir)
     data = load_coco_json(path)
     cats = coco_categories(data, path)
@@ -267,10 +343,13 @@ def coco_samples(instances_json: str | os.PathLike, image_dir: str | os.PathLike
             try:
                 iid, file_name, hw, key = _image_header(im, i, path)
                 data_bytes, h, w = read_image(root / file_name, key=f"{key} ({file_name})", expect_hw=hw, annotation_file=path)
-                objects = _annotations(by_image.get(iid, []), h, w, cats, path, f"{key} ({file_name})", crowd=True)
+                mine = new_report()
+                objects = _annotations(by_image.get(iid, []), h, w, cats, path, f"{key} ({file_name})", crowd=True,
+                                       report=mine)
             except DataError as e:
                 yield BadSample(e)
                 continue
+            _add_report(report, mine)
             yield key, data_bytes, {"image_id": iid, "file_name": file_name, "height": h, "width": w, "objects": objects}
 
     return cats[0], gen()
@@ -279,25 +358,38 @@ def coco_samples(instances_json: str | os.PathLike, image_dir: str | os.PathLike
 def import_coco(instances_json: str | os.PathLike, image_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 name: str, split: str = "train", shard_size: int = 1000, skip_bad: bool = False) -> DatasetIndex:
     """COCO instance JSON + image directory -> shards with object labels (training data)."""
-    cats, samples = coco_samples(instances_json, image_dir)
+    report = new_report()
+    cats, samples = coco_samples(instances_json, image_dir, report=report)
     return write_dataset(samples, out_dir, name=name, split=split, categories=cats, shard_size=shard_size,
-                         skip_bad=skip_bad, source=str(instances_json))
+                         skip_bad=skip_bad, source=str(instances_json), notes={"import": report})
 
 
 # ----------------------------------------------------------------------------- PartImageNet-style parts
 
+OBJECTS_FROM = ("union", "components")
+DEFAULT_OBJECT_CLASS = "object"  # the one object class of a part file whose part categories name no supercategory
+
 
 def part_samples(parts_json: str | os.PathLike, image_dir: str | os.PathLike, *,
                  instances_json: str | os.PathLike | None = None,
-                 object_class: str | None = None) -> tuple[list[dict], list[dict], Iterator]:
+                 object_class: str | None = None, objects_from: str = "union", as_training: bool = False,
+                 report: dict | None = None) -> tuple[list[dict], list[dict], Iterator]:
     """(object categories, part categories, samples) of a PartImageNet-style COCO part file.
 
-    A part's object class is its category's ``supercategory`` (or ``object_class`` for all parts).
-    Objects come from ``instances_json`` when given (matched by image id; each part goes to the
-    object of its class it overlaps most); otherwise -- PartImageNet ships no instance masks and
-    has one object per image -- each image gets one object per class, its mask the union of the
-    parts of that class.
+    A part's object class is its category's ``supercategory`` (or ``object_class`` for all parts;
+    ``"object"`` when no part category names a supercategory). Objects come from ``instances_json``
+    when given (matched by image id; each part goes to the object of its class it overlaps most);
+    otherwise they are made from the parts: ``objects_from="union"`` -- PartImageNet ships no
+    instance masks and has one object per image -- gives each image one object per class, its mask
+    the union of the parts of that class; ``"components"`` gives one object per 8-connected
+    component of that union. With ``as_training=True`` the records carry no ``parts`` (an
+    object-labelled training split: part labels never reach training). ``report`` (``new_report``)
+    counts clipped polygons and, with ``as_training``, the part annotations dropped.
     """
+    if objects_from not in OBJECTS_FROM:
+        raise ValueError(f"objects_from must be one of {OBJECTS_FROM}, got {objects_from!r}")
+    if instances_json is not None and objects_from != "union":
+        raise ValueError("objects_from='components' makes objects from the parts; it cannot be combined with an instance file")
     path, root = Path(parts_json), Path(image_dir)
     data = load_coco_json(path)
     part_table = coco_categories(data, path)
@@ -311,16 +403,21 @@ def part_samples(parts_json: str | os.PathLike, image_dir: str | os.PathLike, *,
         obj_cats = obj_table[0]
         _, objs_by_image = _coco_images(inst, inst_path)
     else:
+        if object_class is None and part_cats and not any(c.get("supercategory") for c in part_cats):
+            object_class = DEFAULT_OBJECT_CLASS
         classes = {object_class} if object_class is not None else {c.get("supercategory") for c in part_cats}
         if None in classes:
             missing = [c["name"] for c in part_cats if not c.get("supercategory")]
-            raise DataError(f"part categories {missing} have no 'supercategory'; pass object_class=", source=path)
+            raise DataError(f"part categories {missing} have no 'supercategory' (others do); pass object_class= "
+                            "(--object-class) to give every part one object class", source=path)
         obj_cats = [{"id": i + 1, "name": n} for i, n in enumerate(sorted(classes))]
     class_of_name = {c["name"]: c["id"] for c in obj_cats}
     part_class = {}
     for c in part_cats:
         cls_name = object_class if object_class is not None else c.get("supercategory")
         part_class[c["id"]] = class_of_name.get(cls_name)  # None: class unknown to the instance file
+    if report is not None and as_training:
+        report.setdefault("parts_dropped", 0)
 
     def gen():
         for i, im in enumerate(images):
@@ -328,36 +425,63 @@ def part_samples(parts_json: str | os.PathLike, image_dir: str | os.PathLike, *,
                 iid, file_name, hw, key = _image_header(im, i, path)
                 skey = f"{key} ({file_name})"
                 data_bytes, h, w = read_image(root / file_name, key=skey, expect_hw=hw, annotation_file=path)
-                parts = _annotations(parts_by_image.get(iid, []), h, w, part_table, path, skey, crowd=False)
+                mine = new_report()
+                parts = _annotations(parts_by_image.get(iid, []), h, w, part_table, path, skey, crowd=False, report=mine)
                 if inst_path is not None:
-                    objects = _annotations(objs_by_image.get(iid, []), h, w, obj_table, inst_path, skey, crowd=True)
+                    objects = _annotations(objs_by_image.get(iid, []), h, w, obj_table, inst_path, skey, crowd=True,
+                                           report=mine)
                     _assign_parts(parts, objects, part_class, path, skey)
                 else:
-                    objects = _objects_from_parts(parts, part_class, h, w)
+                    objects = _objects_from_parts(parts, part_class, h, w, components=objects_from == "components")
             except DataError as e:
                 yield BadSample(e)
                 continue
-            yield key, data_bytes, {"image_id": iid, "file_name": file_name, "height": h, "width": w,
-                                    "objects": objects, "parts": parts}
+            _add_report(report, mine)
+            record = {"image_id": iid, "file_name": file_name, "height": h, "width": w, "objects": objects}
+            if as_training:
+                if report is not None:
+                    report["parts_dropped"] += len(parts)
+            else:
+                record["parts"] = parts
+            yield key, data_bytes, record
 
     return obj_cats, part_cats, gen()
 
 
-def _objects_from_parts(parts: list[dict], part_class: dict, h: int, w: int) -> list[dict]:
-    """One object per class present: mask = union of that class's parts; parts get its object_id."""
+def _objects_from_parts(parts: list[dict], part_class: dict, h: int, w: int, *, components: bool = False) -> list[dict]:
+    """Objects made from the parts, classes in id order; parts get their object's ``object_id``.
+
+    One object per class present (mask = union of that class's parts) or, with ``components``, one per
+    8-connected component of that union (in raster order of the component's first pixel).
+    """
     by_class: dict[int, list[dict]] = defaultdict(list)
     for p in parts:
         by_class[part_class[p["category_id"]]].append(p)
     objects = []
+
+    def add(rle: dict, cls: int) -> int:
+        rle = {"size": [h, w], "counts": rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]}
+        objects.append({"id": len(objects) + 1, "category_id": cls, "segmentation": rle, "area": mask_area(rle),
+                        "bbox": mask_bbox(rle), "iscrowd": 0})
+        return len(objects)
+
     for cls in sorted(by_class):
         members = by_class[cls]
         union = mask_utils.merge([{"size": [h, w], "counts": p["segmentation"]["counts"].encode("ascii")} for p in members])
-        rle = {"size": [h, w], "counts": union["counts"].decode("ascii")}
-        oid = len(objects) + 1
-        objects.append({"id": oid, "category_id": cls, "segmentation": rle, "area": mask_area(rle),
-                        "bbox": mask_bbox(rle), "iscrowd": 0})
-        for p in members:
-            p["object_id"] = oid
+        if not components:
+            oid = add(union, cls)
+            for p in members:
+                p["object_id"] = oid
+            continue
+        from scipy import ndimage
+
+        labels, n = ndimage.label(mask_utils.decode(union), structure=np.ones((3, 3), dtype=bool))
+        ids = [add(mask_utils.encode(np.asfortranarray((labels == k).astype(np.uint8))), cls) for k in range(1, n + 1)]
+        for p in members:  # the component holding most of the part (all of it: a part is inside the union)
+            pm = mask_utils.decode({"size": [h, w], "counts": p["segmentation"]["counts"].encode("ascii")}).astype(bool)
+            hits = np.bincount(labels[pm].ravel(), minlength=n + 1)[1:]
+            if hits.sum():
+                p["object_id"] = ids[int(np.argmax(hits))]
     return objects
 
 
@@ -383,12 +507,21 @@ def _assign_parts(parts: list[dict], objects: list[dict], part_class: dict, path
 
 
 def import_partimagenet(parts_json: str | os.PathLike, image_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                        name: str, split: str = "eval", instances_json: str | os.PathLike | None = None,
-                        object_class: str | None = None, shard_size: int = 1000, skip_bad: bool = False) -> DatasetIndex:
-    """PartImageNet-style COCO part JSON (+ optional instance JSON) -> evaluation shards (has_parts)."""
-    cats, part_cats, samples = part_samples(parts_json, image_dir, instances_json=instances_json, object_class=object_class)
-    return write_dataset(samples, out_dir, name=name, split=split, categories=cats, part_categories=part_cats,
-                         shard_size=shard_size, skip_bad=skip_bad, source=str(parts_json))
+                        name: str, split: str | None = None, instances_json: str | os.PathLike | None = None,
+                        object_class: str | None = None, objects_from: str = "union", as_training: bool = False,
+                        shard_size: int = 1000, skip_bad: bool = False) -> DatasetIndex:
+    """PartImageNet-style COCO part JSON (+ optional instance JSON) -> shards.
+
+    By default evaluation shards (has_parts; split ``eval``); with ``as_training`` an object-labelled
+    training split (split ``train``) whose records carry no parts. See ``part_samples``.
+    """
+    report = new_report()
+    cats, part_cats, samples = part_samples(parts_json, image_dir, instances_json=instances_json, object_class=object_class,
+                                            objects_from=objects_from, as_training=as_training, report=report)
+    notes = {"import": report, "objects_from": "instances" if instances_json is not None else objects_from}
+    return write_dataset(samples, out_dir, name=name, split=split or ("train" if as_training else "eval"), categories=cats,
+                         part_categories=None if as_training else part_cats, shard_size=shard_size, skip_bad=skip_bad,
+                         source=str(parts_json), notes=notes)
 
 
 # ----------------------------------------------------------------------------- export

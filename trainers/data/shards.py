@@ -75,6 +75,7 @@ class DatasetIndex:
     quarantined: list[dict] = field(default_factory=list)  # [{"source", "key", "error"}]
     source: str | None = None
     format_version: int = FORMAT_VERSION
+    notes: dict = field(default_factory=dict)  # what the writer reports: an importer's counts, a split's seed and fractions
 
     @classmethod
     def load(cls, dataset_dir: str | os.PathLike) -> "DatasetIndex":
@@ -92,13 +93,16 @@ class DatasetIndex:
         if version != FORMAT_VERSION:
             raise DataError(f"unsupported format_version {version!r} (this reader knows {FORMAT_VERSION})", source=path)
         names = [f for f in cls.__dataclass_fields__]
-        missing = [f for f in names if f not in raw and f not in ("quarantined", "source")]
+        missing = [f for f in names if f not in raw and f not in ("quarantined", "source", "notes")]
         if missing:
             raise DataError(f"dataset index lacks fields {missing}", source=path)
         return cls(**{f: raw[f] for f in names if f in raw})
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+        d = asdict(self)
+        if not d["notes"]:  # an index without notes is byte-identical to one written before notes existed
+            del d["notes"]
+        return json.dumps(d, indent=1, sort_keys=True) + "\n"
 
     def save(self, dataset_dir: str | os.PathLike) -> None:
         """Write ``index.json`` atomically (temp file, fsync, rename)."""
@@ -119,6 +123,7 @@ def write_dataset(
     shard_size: int = 1000,
     skip_bad: bool = False,
     source: str | None = None,
+    notes: dict | None = None,
 ) -> DatasetIndex:
     """Write samples ``(key, image, record)`` as shards plus ``index.json``; return the index.
 
@@ -128,7 +133,8 @@ def write_dataset(
     A bad sample (or a ``BadSample`` from an importer) raises DataError, or with
     ``skip_bad=True`` is listed in ``index.quarantined``. Shards are byte-deterministic;
     nothing is published until every shard is complete, and the previous dataset in
-    ``out_dir`` stays intact if this call fails.
+    ``out_dir`` stays intact if this call fails. ``notes`` (JSON-able) go into ``index.notes``; the
+    dict is read at publish time, after the last sample, so a sample generator may fill it as it runs.
     """
     if not _NAME_RE.match(str(split)) or not str(name):
         raise ValueError(f"name must be non-empty and split must match {_NAME_RE.pattern}: {name!r}, {split!r}")
@@ -188,7 +194,7 @@ def write_dataset(
         index = DatasetIndex(
             name=str(name), split=str(split), num_samples=num_samples, categories=categories,
             part_categories=part_categories, has_parts=part_categories is not None or saw_parts,
-            shards=shards, quarantined=quarantined, source=source,
+            shards=shards, quarantined=quarantined, source=source, notes=dict(notes or {}),
         )
         index.save(out)  # the publish point
     except BaseException:
