@@ -31,6 +31,7 @@ finally:
     sys.path[:] = _saved_path
 
 ALLOWED_MARKER = "gpu"
+DESELECTED_SHOWN_OUTSIDE_CI = 10
 
 
 def in_ci() -> bool:
@@ -90,9 +91,15 @@ class CIGate:
             return
         tr = terminalreporter
         tr.section("tests not run (only tests marked gpu may be left out in CI)")
-        for x in self.left_out:
+        deselected = [x for x in self.left_out if x.what == "deselected"]
+        shown = self.left_out
+        if not in_ci() and len(deselected) > DESELECTED_SHOWN_OUTSIDE_CI:  # a local `-k` run: keep the listing short
+            shown = [x for x in self.left_out if x.what != "deselected"] + deselected[:DESELECTED_SHOWN_OUTSIDE_CI]
+        for x in shown:
             tag = f"allowed: {ALLOWED_MARKER}" if x.allowed else "NOT ALLOWED"
             tr.line(f"{x.what.upper()} [{tag}] {x.nodeid}: {x.reason}")
+        if len(shown) < len(self.left_out):
+            tr.line(f"... and {len(self.left_out) - len(shown)} more deselected (all are listed when CI is set)")
         bad = self.forbidden
         if bad and in_ci():
             tr.line(f"CI gate: FAILED -- {len(bad)} test(s) not marked gpu were skipped, xfailed or deselected", red=True)
