@@ -26,9 +26,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from pipelines.config import PromotionPolicy
 from contract.models import model_version, resolve_model  # noqa: F401  (re-exported for the control plane)
-from contract.spec import StageSpec
+from contract.spec import Promotion, StageSpec
+from pipelines.config import PromotionPolicy
 
 ALIASES = ("teacher", "champion")
 RUN_SCOPED = ("teacher",)  # aliases a pipeline run follows itself; champion is the best across runs
@@ -64,30 +64,66 @@ class Lineage:
             self.experiment_id = exp.experiment_id
 
     # -- runs ----------------------------------------------------------------------------------
-    def pipeline_run(self, pipeline: str, run: str, params: dict[str, Any] | None = None, config_text: str | None = None) -> str:
-        """The parent run of pipeline run ``run`` (reused when the pipeline run is resumed)."""
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`selftrain.run` = '{run}' and tags.`selftrain.kind` = 'pipeline' and tags.`selftrain.pipeline` = '{pipeline}'",
-            max_results=1,
-        )
+    def pipeline_run(self, pipeline: str, run: str, params: dict[str, Any] | None = None, config_text: str | None = None,
+                     resume: bool = True) -> str:
+        """The parent run of pipeline run ``run``: found by its tags, else created.
+
+        The driver (``resume``) marks a found one RUNNING again; a stage job only looks it up. Two
+        jobs creating it at once both keep the oldest (the other is deleted), so a pipeline run has
+        one parent whoever starts it.
+        """
+        found = self._pipeline_runs(pipeline, run)
         if found:
             run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            if resume:
+                self.client.update_run(run_id, status="RUNNING")
+            if config_text is not None and not any(a.path == "pipeline_config.yaml" for a in self.client.list_artifacts(run_id)):
+                self.client.log_text(run_id, config_text, "pipeline_config.yaml")
             return run_id
         r = self.client.create_run(
             self.experiment_id, run_name=f"{pipeline}-{run}",
             tags={"selftrain.kind": "pipeline", "selftrain.pipeline": pipeline, "selftrain.run": run},
         )
         run_id = r.info.run_id
+        found = self._pipeline_runs(pipeline, run)
+        if found and found[0].info.run_id != run_id:  # created concurrently: the oldest wins
+            self.client.delete_run(run_id)
+            return self.pipeline_run(pipeline, run, params, config_text, resume)
         if params:
             self._log_params(run_id, params)
         if config_text is not None:
             self.client.log_text(run_id, config_text, "pipeline_config.yaml")
         return run_id
 
-    def start_stage(self, parent_run_id: str, spec: StageSpec, fingerprint: str, run: str) -> str:
-        """A child run for one stage: params, the spec as an artifact, DVC hashes of the datasets it reads."""
+    def _pipeline_runs(self, pipeline: str, run: str) -> list:
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`selftrain.run` = '{run}' and tags.`selftrain.kind` = 'pipeline' and tags.`selftrain.pipeline` = '{pipeline}'",
+        )
+        return sorted(found, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+    def stage_runs(self, pipeline: str, run: str, stage: str, status: str | None = None) -> list:
+        """The child runs of stage ``stage`` in pipeline run ``run``, newest first (``status``: their ``selftrain.status`` tag)."""
+        flt = (f"tags.`selftrain.kind` = 'stage' and tags.`selftrain.pipeline` = '{pipeline}' and "
+               f"tags.`selftrain.run` = '{run}' and tags.`selftrain.stage` = '{stage}'")
+        if status:
+            flt += f" and tags.`selftrain.status` = '{status}'"
+        found = self.client.search_runs([self.experiment_id], filter_string=flt)
+        return sorted(found, key=lambda r: (r.info.start_time or 0, r.info.run_id), reverse=True)
+
+    def resume_stage(self, run_id: str) -> None:
+        """A stage's run again RUNNING (its job restarted after an interruption or a failed attempt)."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, "selftrain.status", "running")
+
+    def start_stage(self, parent_run_id: str, spec: StageSpec, fingerprint: str, run: str,
+                    inputs: dict[str, dict[str, dict[str, str]]] | None = None) -> str:
+        """A child run for one stage: params, the spec as an artifact, what its inputs resolved to.
+
+        ``inputs`` (:func:`pipelines.stage_job.resolve`) records each model input as declared
+        (``model.<name>.ref``: ``stage:...``, ``models:/<name>@<alias>``, a file) and pinned
+        (param ``model.<name>.uri``; a file's ``model.<name>.sha256``), and the DVC hash of each dataset read.
+        """
         tags = {
             PARENT_TAG: parent_run_id,
             "selftrain.kind": "stage",
@@ -96,6 +132,7 @@ class Lineage:
             "selftrain.stage": spec.name,
             "selftrain.trainer": spec.stage,
             "selftrain.fingerprint": fingerprint,
+            "selftrain.status": "running",
         }
         params: dict[str, Any] = {"stage": spec.stage, "fingerprint": fingerprint}
         for name, d in spec.inputs.datasets.items():
@@ -105,6 +142,12 @@ class Lineage:
                 params[f"dataset.{name}.dvc_hash"] = d.dvc_hash
         for name, m in spec.inputs.models.items():
             params[f"model.{name}.uri"] = m.uri
+            rec = ((inputs or {}).get("models") or {}).get(name) or {}
+            if rec.get("ref"):
+                tags[f"model.{name}.ref"] = rec["ref"]
+            if rec.get("sha256"):
+                tags[f"model.{name}.sha256"] = rec["sha256"]
+                params[f"model.{name}.sha256"] = rec["sha256"]
         params.update(_flatten(spec.params, "params"))
         params.update(_flatten(spec.resources.model_dump(), "resources"))
         r = self.client.create_run(self.experiment_id, run_name=spec.name, tags=tags)
@@ -147,7 +190,8 @@ class Lineage:
         if spec.outputs.model and result.get("model_path"):
             run_tags = self.client.get_run(run_id).data.tags
             mv = self.register_model(run_id, spec.outputs.model, result["model_path"],
-                                     tags={"selftrain.stage": spec.name, "selftrain.run": run_tags.get("selftrain.run", "")})
+                                     tags={"selftrain.stage": spec.name, "selftrain.run": run_tags.get("selftrain.run", ""),
+                                           "selftrain.pipeline": spec.pipeline})
             version = str(mv.version)
             self.client.set_tag(run_id, "model.version", f"{spec.outputs.model}/{version}")
         self.client.set_terminated(run_id, "FINISHED")
@@ -193,8 +237,13 @@ class Lineage:
             if _is_number(val):
                 self.client.set_model_version_tag(name, v, f"evaluation.{k}", repr(float(val)))
 
-    def promote(self, name: str, version: str | int, policy: PromotionPolicy, aliases: tuple[str, ...] = ALIASES) -> list[Decision]:
-        """Move each alias to the candidate if the promotion rule says so; record every decision as version tags."""
+    def promote(self, name: str, version: str | int, policy: "Promotion | PromotionPolicy", aliases: tuple[str, ...] = ALIASES) -> list[Decision]:
+        """Move each alias to the candidate if the promotion rule says so; record every decision as version tags.
+
+        ``policy`` is a stage's ``spec.promotion`` (or the config's policy: metric, direction,
+        min_delta). The decision tags are written first, then the alias moves: a job stopped in
+        between leaves its stage unfinished, and the stage's re-run takes the same decision again.
+        """
         v = str(version)
         cand = self.client.get_model_version(name, v)
         cand_value = _evaluated(cand.tags, policy.metric)
@@ -225,8 +274,6 @@ class Lineage:
                     f"{policy.metric} {cand_value:.6g} vs {holder_value:.6g} ({policy.direction}): "
                     f"gain {gain:.6g} {'>' if ok else '<='} min_delta {policy.min_delta:g}"
                 )
-            if ok and holder_version != v:
-                self.client.set_registered_model_alias(name, alias, v)
             d = Decision(alias, ok, v, cand_value, holder_version, holder_value, reason)
             prefix = f"promotion.{alias}"
             for key, val in (
@@ -237,6 +284,8 @@ class Lineage:
                 ("reason", reason),
             ):
                 self.client.set_model_version_tag(name, v, f"{prefix}.{key}", val)
+            if ok and holder_version != v:
+                self.client.set_registered_model_alias(name, alias, v)
             decisions.append(d)
         return decisions
 

@@ -1,7 +1,14 @@
 """Stage spec -> Kubeflow PyTorchJob (training-operator v1), the one rendering path of every executor.
 
-The job runs ``torchrun -m trainers <stage> --spec env:SELFTRAIN_SPEC`` with the spec JSON in the
-``SELFTRAIN_SPEC`` variable, so a rendered manifest is self-contained for ``kubectl apply``.
+Every replica runs ``python -m pipelines.stage_job --spec env:SELFTRAIN_SPEC`` with the spec JSON
+in the ``SELFTRAIN_SPEC`` variable and the pipeline run's name in ``SELFTRAIN_RUN``: the stage job
+resolves the inputs, runs ``torchrun -m trainers <stage>`` and, on the Master, versions the output
+dataset, registers the model and applies the promotion rule (:mod:`pipelines.stage_job`). So a
+rendered manifest is complete in itself for ``kubectl apply``.
+
+:func:`stage_graph` is the pipeline as a graph (what each stage reads from which earlier stage);
+the runner schedules by it and :func:`write_manifests`, the one manifest-writing path, records it
+in each job's ``selftrain.io/depends-on`` annotation.
 
 The v1 operator (v1.9.3, pkg/controller.v1/pytorch/envvar.go + master.go) injects MASTER_ADDR and
 PET_MASTER_ADDR (``<job>-master-0``), MASTER_PORT and PET_MASTER_PORT (the ``pytorchjob-port`` of the
@@ -49,15 +56,17 @@ KIND = "PyTorchJob"
 CONTAINER = "pytorch"  # the operator finds the master port on the container with this name
 PORT_NAME = "pytorchjob-port"
 SPEC_ENV = "SELFTRAIN_SPEC"
+RUN_ENV = "SELFTRAIN_RUN"
 LABEL = "selftrain.io"
 
 
-def fingerprint(spec: StageSpec) -> str:
+def fingerprint(spec: StageSpec, extra: dict[str, Any] | None = None) -> str:
     """Identity of a stage's work: trainer, inputs (DVC hashes / model refs), params, DeepSpeed config, outputs.
 
     Two specs with the same fingerprint produce the same outputs; tracking, image and the
     number of replicas do not enter it (DESIGN.md: a stage whose outputs exist for the same
-    inputs and params is skipped).
+    inputs and params is skipped). ``extra`` adds what pins an input beyond the spec (the
+    sha256 of a model file).
     """
     datasets = {k: (d.dvc_hash or f"path:{d.path}") for k, d in spec.inputs.datasets.items()}
     doc = {
@@ -70,6 +79,10 @@ def fingerprint(spec: StageSpec) -> str:
         "deepspeed": spec.resources.deepspeed,
         "outputs": {"dataset": spec.outputs.dataset, "model": spec.outputs.model},
     }
+    if spec.promotion is not None:
+        doc["promotion"] = spec.promotion.model_dump()
+    if extra:
+        doc["extra"] = extra
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -89,8 +102,8 @@ def _label_value(v: str) -> str:
 
 
 def container_command(spec: StageSpec) -> tuple[list[str], list[str]]:
-    """(command, args) of the trainer container: ``torchrun -m trainers <stage> --spec env:SELFTRAIN_SPEC``."""
-    return ["torchrun"], ["-m", "trainers", spec.stage, "--spec", f"env:{SPEC_ENV}"]
+    """(command, args) of the trainer container: ``python -m pipelines.stage_job --spec env:SELFTRAIN_SPEC``."""
+    return ["python"], ["-m", "pipelines.stage_job", "--spec", f"env:{SPEC_ENV}"]
 
 
 def map_paths(spec: StageSpec, mapping: dict[str, str]) -> StageSpec:
@@ -147,6 +160,8 @@ def build_job(
         annotations[f"{LABEL}/mlflow-run-id"] = spec.tracking.run_id
 
     env = [V1EnvVar(name=SPEC_ENV, value=spec.model_dump_json()), V1EnvVar(name="MLFLOW_TRACKING_URI", value=spec.tracking.mlflow_uri)]
+    if run:
+        env.append(V1EnvVar(name=RUN_ENV, value=run))
     if spec.tracking.run_id:
         env.append(V1EnvVar(name="MLFLOW_RUN_ID", value=spec.tracking.run_id))
     env += [V1EnvVar(name=k, value=v) for k, v in sorted(k8s.env.items())]
@@ -236,43 +251,31 @@ def write_manifests(
     *,
     run: str | None = None,
     path_map: dict[str, str] | None = None,
+    config: str | Path | None = None,
 ) -> list[Path]:
-    """Write the PyTorchJobs of a pipeline as ``NN-<stage name>.yaml`` for ``kubectl apply -f``.
+    """Write the PyTorchJobs of a pipeline as ``NN-<stage name>.yaml`` plus a ``README.md``: the one manifest-writing path.
 
-    Each job's ``selftrain.io/depends-on`` annotation lists the stages before it.
+    Each job's ``selftrain.io/depends-on`` annotation lists the stages it waits for
+    (:func:`stage_graph`); paths are mapped by ``path_map`` (workspace -> PVC mount paths).
+    Stage files left in ``out_dir`` by an earlier render of a longer pipeline are removed.
+    ``config`` names the config file in the README's "rendered by" line.
     """
+    from contract.io import write_atomic
+
+    k8s = k8s or KubernetesConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = pin_stage_models(specs)
+    graph = stage_graph(specs)
     paths = []
     for i, spec in enumerate(specs):
-        doc = render_stage(spec, k8s, run=run, depends_on=[s.name for s in specs[:i]], path_map=path_map)
+        doc = render_stage(spec, k8s, run=run, depends_on=graph[spec.name], path_map=path_map)
         p = out / f"{i:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', spec.name)}.yaml"
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(to_yaml(doc))
-        tmp.replace(p)
+        write_atomic(p, to_yaml(doc))
         paths.append(p)
+    for stale in set(out.glob("[0-9][0-9]-*.yaml")) - set(paths):
+        stale.unlink()
+    write_atomic(out / "README.md", pipeline_readme(specs, paths, k8s, run or "", config, graph))
     return paths
-
-
-def pin_stage_models(specs: list[StageSpec]) -> list[StageSpec]:
-    """Model inputs ``stage:<name>`` -> the ``model.pt`` that stage writes in its workdir.
-
-    Running, the runner resolves them to registered versions; manifests applied with kubectl have
-    no runner, so each stage reads the earlier stage's weights from the shared workdir instead.
-    """
-    workdirs = {s.name: s.outputs.workdir for s in specs}
-    out = []
-    for s in specs:
-        refs = {k: m.uri[len("stage:"):] for k, m in s.inputs.models.items() if m.uri.startswith("stage:")}
-        if refs:
-            s = s.model_copy(deep=True)
-            for k, name in refs.items():
-                if name not in workdirs:
-                    raise ValueError(f"stage {s.name}: input model {k!r} names stage {name!r}, which is not in this pipeline")
-                s.inputs.models[k].uri = str(Path(workdirs[name]) / "model.pt")
-        out.append(s)
-    return out
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
@@ -296,50 +299,102 @@ def _snake(d: dict[str, Any]) -> dict[str, Any]:
     return {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in d.items()}
 
 
-# -- a whole pipeline as files for kubectl apply -----------------------------------------------
+# -- the pipeline as a graph ------------------------------------------------------------------
 
-def render_pipeline(config_path: str | Path, out_dir: str | Path, run: str = "demo") -> list[Path]:
-    """``selftrain render``: a pipeline's stages as ``NN-<stage>.yaml`` PyTorchJobs plus a README.md of their order.
+def stage_graph(specs: list[StageSpec]) -> dict[str, list[str]]:
+    """Stage name -> the earlier stages it must wait for, from the inputs each stage declares.
 
-    Paths under the config's workspace are mapped to the PVC mount paths of its kubernetes section;
-    stage files left in ``out_dir`` by an earlier render of a longer pipeline are removed.
+    A stage waits for the stage that wrote a dataset it reads (its path under an earlier output
+    dataset), the stage a ``stage:<name>`` model ref names, the stage whose workdir holds a model
+    file it reads, and, for ``models:/<name>@<alias>``, the last earlier stage that can move that
+    alias (an evaluating stage whose ``promotion`` covers a candidate registered as ``<name>``;
+    without one, the last earlier stage that registers ``<name>``). So that running side by side
+    gives the same results as running in order, it also waits for earlier stages that touch the
+    same things: a stage moving ``<name>@<alias>`` waits for earlier readers of that alias and
+    earlier movers of ``<name>``'s aliases; a stage registering ``<name>`` waits for the earlier
+    one that registered it (version numbers follow the pipeline order); a stage writing a
+    dataset waits for earlier writers of it. Raises ValueError for a ``stage:`` ref to a stage
+    that is not earlier in the pipeline.
     """
-    from pipelines.config import load_config
-    from pipelines.runner import path_map
-
-    cfg = load_config(config_path)
-    specs = cfg.stage_specs(run)
-    paths = write_manifests(specs, out_dir, cfg.executor.kubernetes, run=run, path_map=path_map(cfg))
-    for stale in set(Path(out_dir).glob("[0-9][0-9]-*.yaml")) - set(paths):
-        stale.unlink()
-    pinned = pin_stage_models([map_paths(s, path_map(cfg)) for s in specs])
-    readme = Path(out_dir) / "README.md"
-    config = Path(config_path).resolve()
-    shown = config.relative_to(Path.cwd()) if config.is_relative_to(Path.cwd()) else config
-    readme.write_text(pipeline_readme(pinned, paths, cfg.executor.kubernetes, run, shown))
-    return paths
-
-
-def data_dependencies(specs: list[StageSpec]) -> dict[str, list[str]]:
-    """Stage name -> the earlier stages whose outputs it reads (datasets, model files, registered models).
-
-    A ``models:/<name>@<alias>`` input depends on the last earlier stage that registers ``<name>``.
-    """
+    index = {s.name: i for i, s in enumerate(specs)}
     deps: dict[str, list[str]] = {}
     for i, s in enumerate(specs):
         before = specs[:i]
         found: list[str] = []
         for d in s.inputs.datasets.values():
-            found += [b.name for b in before if b.outputs.dataset and _under(d.path, b.outputs.dataset)]
-        for m in s.inputs.models.values():
-            if m.uri.startswith("models:/"):
-                name = re.split(r"[@/]", m.uri[len("models:/"):], maxsplit=1)[0]
-                writers = [b.name for b in before if b.outputs.model == name]
-                found += writers[-1:]
-            else:
-                found += [b.name for b in before if _under(m.uri, b.outputs.workdir)]
-        deps[s.name] = list(dict.fromkeys(found))
+            found += [b.name for b in before if b.outputs.dataset and _under(d.path, b.outputs.dataset)][-1:]
+        for k, m in s.inputs.models.items():
+            if m.uri.startswith("stage:"):
+                ref = m.uri[len("stage:"):]
+                if index.get(ref, i) >= i:
+                    raise ValueError(f"stage {s.name}: input model {k!r} names stage {ref!r}, which is not an earlier stage of this pipeline")
+                found.append(ref)
+            elif m.uri.startswith("models:/"):
+                name, sep, rest = m.uri[len("models:/"):].partition("@")
+                if sep:
+                    movers = [b.name for b in before if rest in _moves(b, specs).get(name, ())]
+                    found += movers[-1:] or [b.name for b in before if b.outputs.model == name][-1:]
+            elif "://" not in m.uri:
+                found += [b.name for b in before if _under(m.uri, b.outputs.workdir)][-1:]
+        # write-after-read and write-after-write: side by side stays the same as in order
+        for name, aliases in _moves(s, specs).items():
+            for b in before:
+                if set(aliases) & set(_reads_aliases(b).get(name, ())) or _moves(b, specs).get(name):
+                    found.append(b.name)
+        if s.outputs.model:
+            found += [b.name for b in before if b.outputs.model == s.outputs.model][-1:]
+        if s.outputs.dataset:
+            found += [b.name for b in before if b.outputs.dataset and (_under(s.outputs.dataset, b.outputs.dataset) or _under(b.outputs.dataset, s.outputs.dataset))]
+            found += [b.name for b in before for d in b.inputs.datasets.values() if _under(d.path, s.outputs.dataset)]
+        deps[s.name] = sorted(dict.fromkeys(found), key=index.__getitem__)
     return deps
+
+
+def _moves(s: StageSpec, specs: list[StageSpec]) -> dict[str, tuple[str, ...]]:
+    """Registered model -> the aliases stage ``s`` may move (its ``promotion`` applied to its candidate)."""
+    if s.promotion is None:
+        return {}
+    cand = s.inputs.models.get(s.promotion.candidate)
+    if cand is None:
+        return {}
+    if cand.uri.startswith("stage:"):
+        writer = next((b for b in specs if b.name == cand.uri[len("stage:"):]), None)
+        name = writer.outputs.model if writer else None
+    elif cand.uri.startswith("models:/"):
+        name = re.split(r"[@/]", cand.uri[len("models:/"):], maxsplit=1)[0]
+    else:
+        name = None
+    return {name: tuple(s.promotion.aliases)} if name else {}
+
+
+def _reads_aliases(s: StageSpec) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for m in s.inputs.models.values():
+        if m.uri.startswith("models:/") and "@" in m.uri:
+            name, alias = m.uri[len("models:/"):].split("@", 1)
+            out.setdefault(name, []).append(alias)
+    return out
+
+
+def render_pipeline(config_path: str | Path, out_dir: str | Path, run: str = "demo") -> list[Path]:
+    """``selftrain render``: a config's stages through :func:`write_manifests` (paths mapped to the PVC mounts)."""
+    from pipelines.config import load_config
+
+    cfg = load_config(config_path)
+    config = Path(config_path).resolve()
+    shown = config.relative_to(Path.cwd()) if config.is_relative_to(Path.cwd()) else config
+    return write_manifests(cfg.stage_specs(run), out_dir, cfg.executor.kubernetes, run=run, path_map=workspace_mounts(cfg), config=shown)
+
+
+def workspace_mounts(cfg: Any) -> dict[str, str]:
+    """Workspace dirs -> container mount paths, for the PVCs the config mounts."""
+    k8s = cfg.executor.kubernetes
+    out = {}
+    if k8s.data_pvc:
+        out[cfg.paths.data] = k8s.data_mount
+    if k8s.checkpoints_pvc:
+        out[cfg.paths.runs] = k8s.checkpoints_mount
+    return out
 
 
 def _under(path: str, root: str) -> bool:
@@ -347,17 +402,23 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root + "/")
 
 
-def pipeline_readme(specs: list[StageSpec], paths: list[Path], k8s: KubernetesConfig, run: str, config: Path) -> str:
-    """The README of a rendered pipeline folder: apply order, what each stage reads, and the one manual step."""
-    deps = data_dependencies(specs)
-    aliased = [(p.name, m.uri) for s, p in zip(specs, paths) for m in s.inputs.models.values()
-               if m.uri.startswith("models:/") and "@" in m.uri]
+def pipeline_readme(specs: list[StageSpec], paths: list[Path], k8s: KubernetesConfig, run: str, config: str | Path | None,
+                    graph: dict[str, list[str]] | None = None) -> str:
+    """The README of a rendered pipeline folder: apply order, what each stage waits for, what each job does."""
+    graph = graph if graph is not None else stage_graph(specs)
+    by_name = {s.name: p.name for s, p in zip(specs, paths)}
+    rendered = f"`selftrain render {Path(config).as_posix()} -o <this folder> --run {run}`" if config else "`selftrain render`"
     lines = [
         f"# {specs[0].pipeline if specs else 'pipeline'} run `{run}` as PyTorchJobs",
         "",
-        f"Rendered by `selftrain render {config.as_posix()} -o <this folder> --run {run}`; do not edit by hand.",
-        f"Every job runs in namespace `{k8s.namespace}`. Apply the files **one at a time, in order**, and wait",
-        "for each job to succeed before the next one (`kubectl apply -f <folder>` would start them all at once):",
+        f"Rendered by {rendered}; do not edit by hand.",
+        f"Every job runs in namespace `{k8s.namespace}` and is complete in itself: it resolves its inputs",
+        "(`stage:<name>` -> the model version that stage registered in this run, `models:/<name>@<alias>` -> the",
+        "version holding the alias, datasets -> their DVC hashes) and records them in MLflow, runs the trainer, and",
+        "then, on the Master, versions and pushes its output dataset with DVC, registers its model, and an evaluating",
+        "stage applies its promotion rule (moves `teacher` / `champion`). A job whose stage already succeeded for the",
+        "same inputs and params exits at once. Apply the files **one at a time, in order**, and wait for each job",
+        "to succeed before the next one (`kubectl apply -f <folder>` would start them all at once):",
         "",
         "```bash",
         "for f in [0-9][0-9]-*.yaml; do",
@@ -366,23 +427,17 @@ def pipeline_readme(specs: list[StageSpec], paths: list[Path], k8s: KubernetesCo
         "done",
         "```",
         "",
-        "`selftrain.io/depends-on` on each job lists every stage before it (the order above);",
-        "the last column names the stages whose outputs it actually reads.",
+        "The order is one of many: a job may start once the jobs it waits for (its `selftrain.io/depends-on`",
+        "annotation, the last column) have succeeded, which is how `selftrain run --max-parallel N` runs them.",
+        "Jobs need the MLflow server (`tracking.mlflow_uri` in the spec) and the DVC remote reachable.",
         "",
-        "| # | file | stage | trainer | replicas x procs | reads outputs of |",
-        "| ---: | --- | --- | --- | --- | --- |",
+        "| # | file | stage | trainer | replicas x procs | promotes | waits for |",
+        "| ---: | --- | --- | --- | --- | --- | --- |",
     ]
     for i, (s, p) in enumerate(zip(specs, paths)):
         r = s.resources
         size = f"{r.replicas} x {r.nproc_per_node}" + (f" ({r.gpus_per_replica} GPU each)" if r.gpus_per_replica else "")
-        lines.append(f"| {i:02d} | `{p.name}` | {s.name} | {s.stage} | {size} | {', '.join(deps[s.name]) or '-'} |")
-    if aliased:
-        lines += [
-            "",
-            "Models are promoted by `selftrain run`, not by these files. Before applying a job that reads a",
-            "model by alias, set that alias on the version you accept (MLflow UI, or",
-            "`MlflowClient().set_registered_model_alias(name, alias, version)`):",
-            "",
-        ]
-        lines += [f"- `{f}` reads `{uri}`" for f, uri in aliased]
+        moves = ", ".join(f"`{m}@{a}`" for m, aliases in _moves(s, specs).items() for a in aliases) or "-"
+        waits = ", ".join(f"{d} (`{by_name[d][:2]}`)" for d in graph[s.name]) or "-"
+        lines.append(f"| {i:02d} | `{p.name}` | {s.name} | {s.stage} | {size} | {moves} | {waits} |")
     return "\n".join(lines) + "\n"

@@ -1,34 +1,35 @@
-"""Runs the stages of a pipeline run in order: resolve inputs, skip what is done, render, execute, record.
+"""Runs a pipeline run as a graph: order, skip, submit, watch; each stage's job does the rest.
 
-A stage is skipped when its workdir holds a succeeded result for the same fingerprint (trainer,
-input DVC hashes and model versions, params, DeepSpeed config, outputs). A stage that was
-interrupted is started again in the same workdir, so the trainer resumes from its last
-checkpoint; a workdir left by a different fingerprint is moved aside first, so a trainer never
-resumes from a checkpoint of other inputs or params.
+Stages run in dependency order (:func:`pipelines.render.stage_graph`: what each stage reads from
+which earlier stage), up to ``max_parallel`` side by side. Every stage is its rendered PyTorchJob,
+the same manifest ``selftrain render`` writes, and the job is complete in itself
+(:mod:`pipelines.stage_job`): it resolves its inputs, records them in MLflow, trains, versions and
+pushes its output dataset, registers its model, and an evaluating stage (``spec.promotion``)
+applies the promotion rule. So ``selftrain run`` and applying the rendered manifests one by one
+give the same MLflow runs, registered versions, aliases and DVC versions.
 
-Model inputs may name ``stage:<stage name>``: the model version an earlier stage of the same run
-registered (e.g. ``evaluate`` reading ``candidate: stage:r1-train-proposals``).
-
-Evaluation convention: a stage that reads a registered model as ``inputs.models["candidate"]`` is
-that model's evaluation: its result metrics are recorded on the model version and the promotion
-rule (``teacher``, ``champion``; ``promotion.metric`` is a key of those metrics) is applied; a
-failed evaluation is recorded too (the aliases stay).
+The driver here only orders, skips and watches: a stage is skipped when its workdir's
+``stage.json`` says it succeeded for the same fingerprint (trainer, input DVC hashes and model
+versions, params, DeepSpeed config, outputs; computed by the same resolution the job does); a
+stage that was interrupted runs again in the same workdir, so the trainer resumes from its last
+checkpoint (a workdir of a different fingerprint is moved aside by the job first). When a stage
+fails, the running ones finish, no new one starts, and PipelineError names the stage.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import shutil
+import os
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines import render
+from contract.io import read_json
+from contract.spec import SpecError, StageSpec
+from pipelines import render, stage_job
 from pipelines.config import PipelineConfig, load_config
 from pipelines.executors import Executor, StageFailed
-from contract.spec import SpecError, StageSpec
-
-MARKER = "stage.json"  # <workdir>/stage.json: {"fingerprint", "status", "mlflow_run_id", "model_version", "output_hash"}
+from pipelines.stage_job import MARKER
 
 
 class PipelineError(RuntimeError):
@@ -70,7 +71,8 @@ class PipelineResult:
 
 
 def run_pipeline(config_path: str | Path, run: str | None = None, *, executor: Executor | None = None,
-                 executor_kind: str | None = None, echo: Callable[[str], None] | None = None) -> PipelineResult | list[Path]:
+                 executor_kind: str | None = None, echo: Callable[[str], None] | None = None,
+                 max_parallel: int | None = None) -> PipelineResult | list[Path]:
     """Load a config and run its stages (or, with executor kind ``render``, write their manifests).
 
     ``executor_kind`` overrides the config's ``executor.kind``; re-using a ``run`` name resumes that run.
@@ -82,38 +84,47 @@ def run_pipeline(config_path: str | Path, run: str | None = None, *, executor: E
         except ValueError as e:
             raise SpecError(f"--executor {executor_kind!r}: expected local, kubernetes or render") from e
     run = run or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    specs = cfg.stage_specs(run)
     if cfg.executor.kind == "render" and executor is None:
-        return render.write_manifests(specs, cfg.manifests_dir(), cfg.executor.kubernetes, run=run, path_map=path_map(cfg))
-    return run_stages(cfg, specs, run, executor=executor, echo=echo, config_text=Path(config_path).read_text())
+        return render.write_manifests(cfg.stage_specs(run), cfg.manifests_dir(), cfg.executor.kubernetes, run=run,
+                                      path_map=render.workspace_mounts(cfg), config=Path(config_path))
+    return run_stages(cfg, cfg.stage_specs(run), run, executor=executor, echo=echo, config_text=Path(config_path).read_text(),
+                      max_parallel=max_parallel)
 
 
 def run_pipeline_cli(config_path: str | Path, run: str | None, executor_kind: str | None,
-                     echo: Callable[[str], None] | None = None) -> PipelineResult | list[Path]:
+                     echo: Callable[[str], None] | None = None, max_parallel: int | None = None) -> PipelineResult | list[Path]:
     """``selftrain run``: :func:`run_pipeline` (a failed stage raises PipelineError naming it, its exit codes and log tail)."""
-    return run_pipeline(config_path, run, executor_kind=executor_kind, echo=echo)
+    return run_pipeline(config_path, run, executor_kind=executor_kind, echo=echo, max_parallel=max_parallel)
 
 
-def render_pipeline(config_path: str | Path, out_dir: str | Path, run: str = "demo") -> list[Path]:
-    """``selftrain render``: the pipeline's stages as numbered PyTorchJob manifests in ``out_dir``."""
-    cfg = load_config(config_path)
-    return render.write_manifests(cfg.stage_specs(run), out_dir, cfg.executor.kubernetes, run=run, path_map=path_map(cfg))
+def default_max_parallel(cfg: PipelineConfig, specs: list[StageSpec]) -> int:
+    """How many stages run side by side by default: the config's ``executor.max_parallel``, else what the machine holds.
 
+    Local: the GPUs divided by the most any stage needs (when stages use GPUs), else the CPU cores
+    divided by the most processes any stage starts; at least 1. Kubernetes: 8 (the cluster's
+    scheduler and queue decide the rest).
+    """
+    configured = getattr(cfg.executor, "max_parallel", None)
+    if configured:
+        return int(configured)
+    if cfg.executor.kind == "kubernetes":
+        return 8
+    gpus = max((s.resources.gpus_per_replica * s.resources.replicas for s in specs), default=0)
+    if gpus:
+        from pipelines.executors.local import local_gpus
 
-def path_map(cfg: PipelineConfig) -> dict[str, str]:
-    """Workspace dirs -> container mount paths, for the PVCs the config mounts."""
-    k8s = cfg.executor.kubernetes
-    out = {}
-    if k8s.data_pvc:
-        out[cfg.paths.data] = k8s.data_mount
-    if k8s.checkpoints_pvc:
-        out[cfg.paths.runs] = k8s.checkpoints_mount
-    return out
+        return max(1, len(local_gpus()) // gpus)
+    procs = max((s.resources.nproc_per_node * s.resources.replicas for s in specs), default=1)
+    return max(1, (os.cpu_count() or 1) // procs)
 
 
 def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executor: Executor | None = None,
-               lineage: Any = None, echo: Callable[[str], None] | None = None, config_text: str | None = None) -> PipelineResult:
-    """Run ``specs`` in order as pipeline run ``run``; raises PipelineError when a stage fails."""
+               lineage: Any = None, echo: Callable[[str], None] | None = None, config_text: str | None = None,
+               max_parallel: int | None = None) -> PipelineResult:
+    """Run ``specs`` as pipeline run ``run``, in dependency order, up to ``max_parallel`` at once.
+
+    Raises PipelineError naming the stage when one fails (after the running ones finished).
+    """
     from pipelines.lineage import Lineage
 
     echo = echo or (lambda s: print(s, flush=True))
@@ -124,21 +135,21 @@ def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executo
             executor = make_executor("local", grace_seconds=cfg.executor.grace_seconds)
         else:
             executor = make_executor(cfg.executor.kind, config=cfg.executor.kubernetes)
+    try:
+        graph = render.stage_graph(specs)
+    except ValueError as e:
+        raise PipelineError(str(e)) from e
+    parallel = max(1, max_parallel or default_max_parallel(cfg, specs))
     lineage = lineage or Lineage(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_location())
     _ensure_workspace_repo(cfg, specs)
     parent = lineage.pipeline_run(cfg.pipeline, run, {"pipeline": cfg.pipeline, "run": run, "stages": ",".join(s.name for s in specs)}, config_text)
-    outcomes: list[StageOutcome] = []
-    produced: dict[str, str] = {}  # stage name -> models:/<name>/<version> it registered
+    outcomes: dict[str, StageOutcome] = {}
     try:
-        for i, spec in enumerate(specs):
-            o = run_stage(cfg, spec, run, parent, lineage, executor, depends_on=[s.name for s in specs[:i]], echo=echo, produced=produced)
-            if o.model_version and spec.outputs.model:
-                produced[spec.name] = f"models:/{spec.outputs.model}/{o.model_version}"
-            outcomes.append(o)
+        _schedule(specs, graph, parallel, lambda spec: run_stage(cfg, spec, run, parent, lineage, executor, graph[spec.name], echo), outcomes)
     except BaseException:
         lineage.finish_pipeline(parent, succeeded=False)
         raise
-    result = PipelineResult(run=run, mlflow_run_id=parent, stages=outcomes)
+    result = PipelineResult(run=run, mlflow_run_id=parent, stages=[outcomes[s.name] for s in specs])
     try:
         result.report = cfg.report(result, lineage)
     except BaseException:
@@ -148,11 +159,57 @@ def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executo
     return result
 
 
+def _schedule(specs: list[StageSpec], graph: dict[str, list[str]], parallel: int,
+              run_one: Callable[[StageSpec], StageOutcome], outcomes: dict[str, StageOutcome]) -> None:
+    """Start every stage whose dependencies succeeded (in pipeline order), at most ``parallel`` at once.
+
+    After a failure no new stage starts; the running ones finish, then the first failure (in
+    pipeline order) is raised, naming the others.
+    """
+    if parallel == 1:  # in order, in this thread (Ctrl-C reaches the executor directly)
+        for spec in specs:
+            outcomes[spec.name] = run_one(spec)
+        return
+    pending = list(specs)
+    failures: dict[str, BaseException] = {}
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="stage") as pool:
+        running: dict[Future, str] = {}
+        try:
+            while pending or running:
+                if not failures:
+                    for spec in list(pending):
+                        if len(running) >= parallel:
+                            break
+                        if all(d in outcomes for d in graph[spec.name]):
+                            pending.remove(spec)
+                            running[pool.submit(run_one, spec)] = spec.name
+                if not running:
+                    break
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for f in done:
+                    name = running.pop(f)
+                    try:
+                        outcomes[name] = f.result()
+                    except BaseException as e:  # noqa: BLE001 - raised below, after the running stages finished
+                        failures[name] = e
+        except BaseException:
+            for f in running:
+                f.cancel()
+            raise
+    if failures:
+        order = [s.name for s in specs if s.name in failures]
+        first = failures[order[0]]
+        if len(order) > 1 and isinstance(first, PipelineError):
+            raise PipelineError(f"{first}\n(also failed: {', '.join(order[1:])})") from first
+        raise first
+
+
 def _ensure_workspace_repo(cfg: PipelineConfig, specs: list[StageSpec]) -> None:
     """Datasets a run writes inside the workspace are versioned in the workspace's own git + DVC repository.
 
     The workspace is usually git-ignored by the project around it, and DVC refuses to track a
     path whose .dvc file git ignores; a repository of its own (sharing the DVC remote) avoids that.
+    (A stage job makes one in its runs folder when it finds none; see :mod:`pipelines.stage_job`.)
     """
     from pipelines import dvc
 
@@ -163,113 +220,56 @@ def _ensure_workspace_repo(cfg: PipelineConfig, specs: list[StageSpec]) -> None:
 
 
 def run_stage(cfg: PipelineConfig, spec: StageSpec, run: str, parent_run_id: str, lineage: Any, executor: Executor,
-              depends_on: list[str] = (), echo: Callable[[str], None] = print, produced: dict[str, str] | None = None) -> StageOutcome:
-    """One stage: resolve its inputs, skip it if done, else execute it and record lineage."""
-    spec = resolve_inputs(spec, lineage, produced or {})
-    fp = render.fingerprint(spec)
+              depends_on: list[str] = (), echo: Callable[[str], None] = print) -> StageOutcome:
+    """One stage: skip it when done for the same fingerprint, else submit its job, watch it and read its outcome."""
+    try:
+        resolved = stage_job.resolve(spec, run, lineage)
+    except stage_job.StageJobError as e:
+        raise PipelineError(str(e)) from e
+    fp = resolved.fingerprint
     workdir = Path(spec.outputs.workdir)
-    marker = _read_json(workdir / MARKER)
-    result = _read_json(workdir / "result.json")
-    if marker and marker.get("fingerprint") == fp and marker.get("status") == "succeeded" and result and result.get("status") == "succeeded":
+    marker, result = read_json(workdir / MARKER), read_json(workdir / "result.json")
+    if stage_job.is_done(marker, result, fp):
         echo(f"[{spec.name}] skipped: outputs exist for the same inputs and params ({fp[:12]})")
         lineage.client.set_tag(parent_run_id, f"stage.{spec.name}.status", "skipped")
-        return StageOutcome(spec.name, "skipped", fp, workdir, marker.get("mlflow_run_id"), marker.get("model_version"), marker.get("output_hash"), result)
-    if marker and marker.get("fingerprint") != fp:  # other inputs or params: never resume from those checkpoints or shards
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        for old in [workdir] + ([Path(spec.outputs.dataset)] if spec.outputs.dataset else []):
-            if old.exists():
-                aside = old.with_name(f"{old.name}.replaced-{stamp}")
-                shutil.move(str(old), aside)
-                echo(f"[{spec.name}] inputs or params changed: previous {old} moved to {aside}")
-    elif not marker and result:  # a result without a marker: not ours to trust
-        (workdir / "result.json").unlink()
-
-    run_id = lineage.start_stage(parent_run_id, spec, fp, run)
-    spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"parent_run_id": parent_run_id, "run_id": run_id})})
-    workdir.mkdir(parents=True, exist_ok=True)
-    spec.write(workdir / "spec.json")
-    _write_json(workdir / MARKER, {"fingerprint": fp, "status": "running", "mlflow_run_id": run_id})
-    (workdir / "result.json").unlink(missing_ok=True)
+        return _outcome(spec.name, "skipped", fp, workdir, marker, result)
     job = render.render_stage(spec, cfg.executor.kubernetes, run=run, depends_on=depends_on)
-    (workdir / "pytorchjob.yaml").write_text(render.to_yaml(job))
+    workdir.mkdir(parents=True, exist_ok=True)
     log_dir = workdir / "logs"
     echo(f"[{spec.name}] running {job['metadata']['name']} ({spec.resources.replicas} replica(s) x {spec.resources.nproc_per_node} process(es))")
     try:
         executor.run(job, log_dir=log_dir)
-        result = _read_json(workdir / "result.json")
-        if not result or result.get("status") != "succeeded":
-            raise PipelineError(f"stage {spec.name}: all ranks exited 0 but {workdir / 'result.json'} {'says ' + repr(result.get('status')) if result else 'is missing'}")
-        output_hash = version_dataset(spec.outputs.dataset) if spec.outputs.dataset else None
-        version = lineage.finish_stage(run_id, spec, result, output_hash=output_hash, job=job, log_dir=log_dir)
-    except Exception as e:  # noqa: BLE001 - every failure is recorded on the stage's run, then raised
-        lineage.fail_stage(run_id, f"{type(e).__name__}: {e}", log_dir)
-        _write_json(workdir / MARKER, {"fingerprint": fp, "status": "failed", "mlflow_run_id": run_id, "error": str(e)[-2000:]})
-        decisions = _after_evaluate(cfg, spec, lineage, run_id, None)
-        if not isinstance(e, (StageFailed, PipelineError)):
-            raise
-        raise PipelineError(f"stage {spec.name} failed:\n{e}" + "".join(f"\n{d.alias}: kept ({d.reason})" for d in decisions)) from e
-    decisions = _after_evaluate(cfg, spec, lineage, run_id, result)
-    _write_json(workdir / MARKER, {"fingerprint": fp, "status": "succeeded", "mlflow_run_id": run_id, "model_version": version, "output_hash": output_hash})
-    echo(f"[{spec.name}] succeeded" + (f": model {spec.outputs.model} version {version}" if version else ""))
-    return StageOutcome(spec.name, "succeeded", fp, workdir, run_id, version, output_hash, result, decisions)
+    except StageFailed as e:
+        marker = read_json(workdir / MARKER) or {}
+        if marker.get("fingerprint") != fp or marker.get("status") != "failed":  # the job could not record it (never started, killed)
+            marker = stage_job.record_failure(resolved.spec, lineage, marker.get("mlflow_run_id") if marker.get("fingerprint") == fp else None,
+                                              fp, str(e))
+        _log_job(lineage, marker.get("mlflow_run_id"), job, log_dir)
+        lineage.client.set_tag(parent_run_id, f"stage.{spec.name}.status", "failed")
+        kept = "".join(f"\n{d['alias']}: {'promoted' if d['promoted'] else 'kept'} ({d['reason']})" for d in marker.get("decisions") or [])
+        raise PipelineError(f"stage {spec.name} failed:\n{e}" + (f"\n{marker['error']}" if marker.get("error") and marker["error"] not in str(e) else "") + kept) from e
+    marker, result = read_json(workdir / MARKER), read_json(workdir / "result.json")
+    _log_job(lineage, (marker or {}).get("mlflow_run_id"), job, log_dir)
+    if not stage_job.is_done(marker, result, fp):
+        raise PipelineError(f"stage {spec.name}: its job succeeded but {workdir / MARKER} does not say it finished "
+                            f"for fingerprint {fp[:12]} ({(marker or {}).get('status', 'missing')})")
+    lineage.client.set_tag(parent_run_id, f"stage.{spec.name}.status", "succeeded")
+    out = _outcome(spec.name, "succeeded", fp, workdir, marker, result)
+    echo(f"[{spec.name}] succeeded" + (f": model {spec.outputs.model} version {out.model_version}" if out.model_version else ""))
+    return out
 
 
-def resolve_inputs(spec: StageSpec, lineage: Any, produced: dict[str, str] | None = None) -> StageSpec:
-    """Pin the inputs: DVC hashes of the datasets read, registered versions of aliased and ``stage:`` models."""
-    from pipelines.dvc import dataset_hash
+def _outcome(name: str, status: str, fp: str, workdir: Path, marker: dict[str, Any], result: dict[str, Any] | None) -> StageOutcome:
+    from pipelines.lineage import Decision
 
-    spec = spec.model_copy(deep=True)
-    for name, d in spec.inputs.datasets.items():
-        if not Path(d.path).is_dir():
-            raise PipelineError(f"stage {spec.name}: input dataset {name!r} does not exist at {d.path}")
-        if d.dvc_hash is None:
-            d.dvc_hash = dataset_hash(d.path)
-    for name, m in spec.inputs.models.items():
-        if m.uri.startswith("stage:"):
-            if m.uri[len("stage:"):] not in (produced or {}):
-                raise PipelineError(f"stage {spec.name}: input model {name!r} ({m.uri}): no earlier stage of this run registered a model under that name")
-            m.uri = produced[m.uri[len("stage:"):]]
-        elif m.uri.startswith("models:/") and "@" in m.uri:
-            try:
-                model, version = lineage.model_version(m.uri)
-            except Exception as e:  # noqa: BLE001 - the registry's own message is the useful one
-                raise PipelineError(f"stage {spec.name}: cannot resolve input model {name!r} ({m.uri}): {e}") from e
-            m.uri = f"models:/{model}/{version}"
-    return spec
+    decisions = [Decision(**d) for d in marker.get("decisions") or []]
+    return StageOutcome(name, status, fp, workdir, marker.get("mlflow_run_id"), marker.get("model_version"), marker.get("output_hash"), result, decisions)
 
 
-def version_dataset(path: str) -> str:
-    """The DVC version of a dataset a stage wrote: ``dvc add`` inside a DVC repository, else its hash."""
-    from pipelines import dvc
-
-    try:
-        root = dvc.find_root(path)
-    except dvc.DvcError:
-        return dvc.dataset_hash(path)
-    version = dvc.add(path, root)
-    dvc.push([path], root)  # every dataset version also lives on the remote
-    return version.md5
-
-
-def _after_evaluate(cfg: PipelineConfig, spec: StageSpec, lineage: Any, run_id: str, result: dict[str, Any] | None) -> list[Any]:
-    cand = spec.inputs.models.get("candidate")
-    if cand is None or not cand.uri.startswith("models:/"):
-        return []
-    name, version = lineage.model_version(cand.uri)
-    ok = result is not None and result.get("status") == "succeeded"
-    lineage.record_evaluation(name, version, (result or {}).get("metrics") or {}, ok, run_id=run_id)
-    return lineage.promote(name, version, cfg.promotion_for(name))
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+def _log_job(lineage: Any, run_id: str | None, job: dict[str, Any], log_dir: Path) -> None:
+    """The driver's part of a stage's record: the manifest it submitted and the replicas' logs it collected."""
+    if not run_id:
+        return
+    lineage.client.log_text(run_id, render.to_yaml(job), "pytorchjob.yaml")
+    if log_dir.is_dir():
+        lineage.client.log_artifacts(run_id, str(log_dir), "logs")

@@ -1,4 +1,4 @@
-"""Runner: stages in order through the local executor, lineage in MLflow, skip on re-run, promotion after evaluate."""
+"""Runner: stages as whole stage jobs through the local executor, lineage in MLflow, skip on re-run, promotion by spec.promotion."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from control_helpers import ProgramExecutor, make_config
+from control_helpers import make_config
+from stage_helpers import StandInExecutor
 from pipelines.lineage import Lineage, resolve_model
 from pipelines.runner import PipelineError, run_pipeline, run_stages
 
@@ -22,8 +23,8 @@ def _config(tmp_path, stages=STAGES, **extra):
     return make_config(tmp_path, stages=stages, executor={"kubernetes": {"backoff_limit": 0}}, **extra)
 
 
-def _executor(tmp_path):
-    return ProgramExecutor({"OUT": str(tmp_path / "out"), "WRITE_RESULT": "1"})
+def _executor(tmp_path, **env):
+    return StandInExecutor(env)
 
 
 def _starts(cfg, run, name) -> int:
@@ -93,20 +94,20 @@ def _round(train_miou: float, name: str, fail: bool = False) -> list[dict]:
     return [
         {"stage": "train", "name": f"{name}-train", "params": {"seed": name}, "output_model": "proposals"},
         {"stage": "evaluate", "name": f"{name}-evaluate", "models": {"candidate": f"stage:{name}-train"},
-         "params": {"metrics": {"miou": train_miou}, "fail": fail}},
+         "params": {"metrics": {"miou": train_miou}, "fail": fail}, "promotion": {"metric": "miou", "min_delta": 0.01}},
     ]
 
 
 def test_evaluate_stages_promote_only_better_candidates(tmp_path):
     stages = _round(0.30, "r1") + _round(0.20, "r2") + _round(0.90, "r3", fail=True) + _round(0.40, "r4")
-    cfg = _config(tmp_path, stages=stages[:6], promotion={"metric": "miou", "min_delta": 0.01})
+    cfg = _config(tmp_path, stages=stages[:6])
     with pytest.raises(PipelineError, match=r"teacher: kept \(candidate has no successful evaluation of miou\)"):
         run_stages(cfg, cfg.stage_specs("p"), "p", executor=_executor(tmp_path), echo=lambda s: None)
     client = Lineage(cfg.tracking_uri(), cfg.tracking.experiment).client
     assert client.get_model_version_by_alias("proposals", "teacher").version == 1  # r2 worse, r3 failed
     assert client.get_model_version("proposals", "2").tags["promotion.teacher.decision"] == "kept"
     assert client.get_model_version("proposals", "3").tags["evaluation.status"] == "failed"
-    cfg = _config(tmp_path, stages=stages[:4] + stages[6:], promotion={"metric": "miou", "min_delta": 0.01})
+    cfg = _config(tmp_path, stages=stages[:4] + stages[6:])
     res = run_stages(cfg, cfg.stage_specs("p"), "p", executor=_executor(tmp_path), echo=lambda s: None)
     assert [s.status for s in res.stages] == ["skipped"] * 4 + ["succeeded"] * 2
     assert [d.promoted for d in res.stages[-1].decisions] == [True, True]
@@ -146,7 +147,7 @@ def test_run_pipeline_from_a_config_file_reports_a_summary(tmp_path):
 
 def test_an_interrupted_stage_runs_again_in_its_own_workdir(tmp_path):
     cfg = _config(tmp_path, stages=[STAGES[0]])
-    failing_once = ProgramExecutor({"OUT": str(tmp_path / "out"), "WRITE_RESULT": "1", "FAIL_NODE": "0:1", "FAIL_ATTEMPTS": "1"})
+    failing_once = StandInExecutor({"FAIL_NODE": "0:1", "FAIL_ATTEMPTS": "1"})
     with pytest.raises(PipelineError):
         run_stages(cfg, cfg.stage_specs("r1"), "r1", executor=failing_once, echo=lambda s: None)
     res = run_stages(cfg, cfg.stage_specs("r1"), "r1", executor=failing_once, echo=lambda s: None)
