@@ -68,7 +68,7 @@ def _track_target(path: Path) -> Path:
 @data_app.command("generate")
 def data_generate(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="PartWorld config YAML (default: the embedded demo config)."),
-    output: Path = typer.Option(DEFAULT_DATA, "--out", "-o", help="Dataset directory (gets train/ and eval/)."),
+    output: Path = typer.Option(DEFAULT_DATA, "--out", "-o", help="Dataset directory (gets train/, eval/ and val/)."),
     shard_size: int = typer.Option(500, help="Samples per shard."),
     limit: Optional[int] = typer.Option(None, help="At most this many images per split."),
     version: bool = typer.Option(True, "--version/--no-version", help="Track the result with DVC (data.dvc for ./data)."),
@@ -164,6 +164,14 @@ def data_show(
 
 def _report_import(idx, output: Path) -> None:
     out.print(f"{idx.num_samples} samples in {len(idx.shards)} shard(s) -> {output}")
+    rep = idx.notes.get("import") or {}
+    if rep.get("clipped_polygons"):
+        err.print(f"[yellow]{rep['clipped_polygons']} polygon(s) in {rep['clipped_annotations']} annotation(s) overshot the "
+                  f"image (by up to {rep['max_overshoot_px']:g} px) and were clipped to it[/] (counted in {output / 'index.json'})",
+                  highlight=False)
+    if "parts_dropped" in rep:
+        out.print(f"training split: {rep['parts_dropped']} part annotation(s) dropped; objects from "
+                  f"{idx.notes.get('objects_from')}; no part labels in the shards")
     if idx.quarantined:
         err.print(f"[yellow]{len(idx.quarantined)} sample(s) quarantined[/] (listed in {output / 'index.json'}):")
         for q in idx.quarantined[:10]:
@@ -205,16 +213,45 @@ def import_parts(
     images: Path = typer.Option(..., "--images"),
     output: Path = typer.Option(..., "--out", "-o"),
     instances: Optional[Path] = typer.Option(None, "--instances", help="Instance JSON with object masks (default: union of each image's parts)."),
-    object_class: Optional[str] = typer.Option(None, "--object-class", help="Object class of every part (default: the part category's supercategory)."),
+    object_class: Optional[str] = typer.Option(None, "--object-class", help="Object class of every part (default: the part category's supercategory; 'object' if none has one)."),
+    as_training: bool = typer.Option(False, "--as-training", help="Write an object-labelled training split: objects only, no part labels in the shards."),
+    objects_from: str = typer.Option("union", "--objects", help="Without --instances, objects are the 'union' of an image's parts per object class, or its 'components' (8-connected)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split name recorded in the index (default: eval, or train with --as-training)."),
     shard_size: int = typer.Option(1000),
     skip_bad: bool = typer.Option(False, "--skip-bad"),
 ) -> None:
-    """PartImageNet-style part JSON -> evaluation shards (parts are never visible to training stages)."""
+    """PartImageNet-style part JSON -> evaluation shards, or with --as-training an object-labelled training split (parts are never visible to training stages)."""
     from pipelines import data
 
     idx = _guard(data.import_parts, parts, images, output, instances_json=instances, object_class=object_class,
-                 shard_size=shard_size, skip_bad=skip_bad)
+                 split=split, as_training=as_training, objects_from=objects_from, shard_size=shard_size, skip_bad=skip_bad)
     _report_import(idx, output)
+
+
+def _names(values: Optional[list[str]]) -> list[str]:
+    return [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+
+
+@data_app.command("split")
+def data_split(
+    path: Path = typer.Argument(..., help="Dataset directory to split (holds index.json)."),
+    fractions: str = typer.Option(..., "--fractions", "-f", help="NAME=FRACTION,... adding up to 1, e.g. val=0.1,train=0.9."),
+    output: Path = typer.Option(..., "--out", "-o", help="Directory that gets one dataset per split: <out>/<name>/."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the assignment: the same seed gives byte-identical splits."),
+    keep_parts: Optional[list[str]] = typer.Option(None, "--keep-parts", help="Splits that keep part labels (evaluation/selection), e.g. val,eval; all others lose them."),
+    strip_labels: Optional[list[str]] = typer.Option(None, "--strip-labels", help="Splits that keep images only (no objects, parts or proposals), e.g. unlabeled."),
+    name: Optional[str] = typer.Option(None, "--name", help="Dataset name prefix (default: the source's); datasets are <name>-<split>."),
+    shard_size: int = typer.Option(1000, help="Samples per shard."),
+) -> None:
+    """Split a dataset by seeded fractions into new datasets (disjoint, complete, deterministic)."""
+    from pipelines import data
+
+    idx = _guard(data.split, path, output, fractions, seed=seed, keep_parts=_names(keep_parts),
+                 strip_labels=_names(strip_labels), name=name, shard_size=shard_size)
+    for s, i in idx.items():
+        what = "images only" if i.notes["split"]["strip_labels"] else ("with parts" if i.has_parts else "objects, no parts")
+        out.print(f"{s}: {i.num_samples} samples ({what}) -> {output / s}")
+    out.print(f"next: selftrain data version {output} --push")
 
 
 @data_app.command("export")
@@ -238,14 +275,20 @@ def run_cmd(
     config: Path = typer.Argument(DEFAULT_PIPELINE, help="Pipeline config YAML."),
     run: Optional[str] = typer.Option(None, "--run", help="Run name; re-using one resumes it (finished stages are skipped)."),
     executor: Optional[str] = typer.Option(None, "--executor", help="Override executor.kind: local, kubernetes or render."),
+    max_parallel: Optional[int] = typer.Option(None, "--max-parallel", min=1,
+                                               help="Stages run side by side when their inputs are ready (default: what the machine holds; kubernetes: 8)."),
 ) -> None:
-    """Run a pipeline (default: PartDistillation on the built-in demo dataset, embedded defaults)."""
+    """Run a pipeline (default: PartDistillation on the built-in demo dataset, embedded defaults).
+
+    Stages run in dependency order; each is a job complete in itself (resolves its inputs, trains,
+    versions its output dataset, registers its model, promotes), the same as the manifests `selftrain render` writes.
+    """
     from pipelines import runner
 
     def echo(line: str) -> None:  # stage names in brackets are text, not rich markup
         out.print(line, markup=False, highlight=False, soft_wrap=True)
 
-    result = _guard(runner.run_pipeline_cli, config, run, executor, echo)
+    result = _guard(runner.run_pipeline_cli, config, run, executor, echo, max_parallel)
     if isinstance(result, list):
         out.print(f"wrote {len(result)} manifest(s); apply them in order with kubectl apply -f <file>")
         return
@@ -258,7 +301,7 @@ def render_cmd(
     output: Path = typer.Option(Path("manifests/pipeline"), "--out", "-o", help="Folder for the numbered stage manifests."),
     run: str = typer.Option("demo", "--run", help="Run name the manifests belong to."),
 ) -> None:
-    """Write the pipeline's stages as numbered PyTorchJob manifests for kubectl apply."""
+    """Write the pipeline's stages as numbered PyTorchJob manifests (and a README of their order) for kubectl apply."""
     from pipelines import render
 
     paths = _guard(render.render_pipeline, config, output, run)

@@ -40,14 +40,15 @@ def test_more_replicas_add_workers(tmp_path):
     assert _container(job, "Worker") == _container(job, "Master")
 
 
-def test_container_runs_torchrun_with_the_spec_in_the_environment(tmp_path):
+def test_container_runs_the_stage_job_with_the_spec_in_the_environment(tmp_path):
     spec = _spec(tmp_path)
-    job = render.render_stage(spec)
+    job = render.render_stage(spec, run="r1")
     c = _container(job)
     assert c["name"] == "pytorch"  # the operator reads the master port from this container
     assert c["ports"] == [{"containerPort": 23456, "name": "pytorchjob-port", "protocol": "TCP"}]
-    assert c["command"] + c["args"] == ["torchrun", "-m", "trainers", "fit-objects", "--spec", "env:SELFTRAIN_SPEC"]
+    assert c["command"] + c["args"] == ["python", "-m", "pipelines.stage_job", "--spec", "env:SELFTRAIN_SPEC"]
     env = _env(job)
+    assert env["SELFTRAIN_RUN"] == "r1"
     assert StageSpec.model_validate_json(env["SELFTRAIN_SPEC"]) == spec
     assert env["MLFLOW_TRACKING_URI"] == spec.tracking.mlflow_uri
     assert env["MLFLOW_RUN_ID"] == "abc123"

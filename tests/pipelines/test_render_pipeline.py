@@ -24,26 +24,72 @@ def test_render_pipeline_writes_numbered_jobs_and_a_readme_in_stage_order(tmp_pa
     assert readme.index("00-instance-teacher.yaml") < readme.index("01-mine-train.yaml")
 
 
-def test_stages_that_read_earlier_outputs_say_so(tmp_path):
+def test_each_job_names_the_stages_it_waits_for(tmp_path):
     paths = render.render_pipeline(K8S_CONFIG, tmp_path, "demo")
     jobs = {render.spec_of(render.load_manifest(p)).name: render.load_manifest(p) for p in paths}
-    depends = jobs["r1-train-proposals"]["metadata"]["annotations"]["selftrain.io/depends-on"].split(",")
-    assert {"instance-teacher", "mine-train"} <= set(depends)
-    assert jobs["instance-teacher"]["metadata"]["annotations"]["selftrain.io/depends-on"] == ""
+
+    def depends(name):
+        v = jobs[name]["metadata"]["annotations"]["selftrain.io/depends-on"]
+        return v.split(",") if v else []
+
+    assert depends("instance-teacher") == []
+    assert depends("r1-train-proposals") == ["instance-teacher", "mine-train"]
+    assert depends("r1-evaluate") == ["r1-train-proposals"]
+    # reads models:/...part-proposals@teacher: waits for the evaluation that moves that alias
+    assert "r1-evaluate" in depends("r1-pseudo-label")
+    assert "r2-evaluate" in depends("rank-parts")
+    # the baselines wait for what they read only, so they may run beside the rounds
+    assert depends("evaluate-strips") == ["instance-teacher"]
     row = next(line for line in (tmp_path / "README.md").read_text().splitlines() if "`05-r1-train-proposals.yaml`" in line)
-    assert row.rstrip(" |").endswith("mine-train, instance-teacher")
+    assert row.rstrip(" |").endswith("instance-teacher (`00`), mine-train (`01`)")
+    # the stage: refs stay refs (resolved by the job at its start), no checkpoint paths
+    assert render.spec_of(jobs["r1-evaluate"]).inputs.models["candidate"].uri == "stage:r1-train-proposals"
+    assert render.spec_of(jobs["r1-evaluate"]).promotion is not None
 
 
-def test_data_dependencies_follow_datasets_model_files_and_registered_models(tmp_path):
-    cfg = make_config(tmp_path, stages=[
+def _stage_graph(tmp_path, stages):
+    from contract.spec import Promotion
+
+    cfg = make_config(tmp_path)
+    specs = []
+    for s in stages:
+        s = dict(s)
+        promotion = s.pop("promotion", None)
+        spec = cfg.new_stage_spec("r1", s.pop("stage"), s.pop("name", None), **s)
+        if promotion:
+            spec.promotion = Promotion(**promotion)
+        specs.append(spec)
+    return render.stage_graph(specs)
+
+
+def test_the_stage_graph_follows_datasets_model_refs_and_alias_moves(tmp_path):
+    deps = _stage_graph(tmp_path, [
         {"stage": "train", "output_model": "m", "output_dataset": "out"},
         {"stage": "label", "datasets": {"images": "out/train"}},
-        {"stage": "eval", "models": {"candidate": "stage:train"}},
+        {"stage": "eval", "models": {"candidate": "stage:train"}, "promotion": {"metric": "miou"}},
         {"stage": "use", "models": {"parts": "models:/m@teacher"}},
         {"stage": "alone", "datasets": {"images": "elsewhere"}},
+        {"stage": "train", "name": "train-2", "output_model": "m", "datasets": {"images": "out"}},
+        {"stage": "eval", "name": "eval-2", "models": {"candidate": "stage:train-2"}, "promotion": {"metric": "miou"}},
+        {"stage": "use", "name": "use-2", "models": {"parts": "models:/m@teacher"}},
+        {"stage": "use", "name": "use-pinned", "models": {"parts": "models:/m/1", "f": "/elsewhere/model.pt"}},
     ])
-    deps = render.data_dependencies(render.pin_stage_models(cfg.stage_specs("r1")))
-    assert deps == {"train": [], "label": ["train"], "eval": ["train"], "use": ["train"], "alone": []}
+    assert deps == {
+        "train": [], "label": ["train"], "eval": ["train"],
+        "use": ["eval"],  # the stage that moves m@teacher (which itself waits for the trainer)
+        "alone": [],
+        "train-2": ["train"],  # registers m after train: version numbers follow the pipeline order
+        "eval-2": ["eval", "use", "train-2"],  # moves m@teacher only after use read it and eval moved it
+        "use-2": ["eval-2"],
+        "use-pinned": [],
+    }
+
+
+def test_a_stage_ref_to_a_later_or_unknown_stage_is_an_error(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="names stage 'later'"):
+        _stage_graph(tmp_path, [{"stage": "use", "models": {"m": "stage:later"}}, {"stage": "train", "name": "later"}])
 
 
 def test_rendered_demo_manifests_are_portable(tmp_path):
