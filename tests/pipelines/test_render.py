@@ -119,11 +119,14 @@ def test_fingerprint_follows_inputs_and_params_not_placement(tmp_path):
     assert render.fingerprint(more) == fp
 
 
-def test_write_manifests_numbers_files_and_chains_dependencies(tmp_path):
-    cfg = make_config(tmp_path, stages=[{"stage": "a"}, {"stage": "b"}, {"stage": "c"}])
+def test_write_manifests_numbers_files_and_records_the_graph(tmp_path):
+    cfg = make_config(tmp_path, stages=[{"stage": "a", "output_dataset": "x"}, {"stage": "b"},
+                                        {"stage": "c", "datasets": {"x": "x"}, "models": {"m": "stage:b"}}])
     paths = render.write_manifests(cfg.stage_specs("r1"), tmp_path / "manifests", run="r1")
     assert [p.name for p in paths] == ["00-a.yaml", "01-b.yaml", "02-c.yaml"]
-    last = render.load_manifest(paths[2])
+    assert (tmp_path / "manifests" / "README.md").is_file()
+    first, last = render.load_manifest(paths[0]), render.load_manifest(paths[2])
+    assert first["metadata"]["annotations"]["selftrain.io/depends-on"] == ""
     assert last["metadata"]["annotations"]["selftrain.io/depends-on"] == "a,b"
     assert render.spec_of(last).stage == "c"
 
