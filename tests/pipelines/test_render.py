@@ -185,9 +185,10 @@ def test_rendered_job_matches_the_training_operator_crd(tmp_path):
     assert _check(broken, schema) == [".spec.runPolicy.backofLimit: unknown field (pruned by the API server)"]
 
 
-def test_manifests_read_earlier_stages_models_from_their_workdirs(tmp_path):
+def test_manifests_keep_stage_refs_for_the_job_to_resolve(tmp_path):
     cfg = make_config(tmp_path, stages=[{"stage": "train", "output_model": "m"}, {"stage": "eval", "models": {"candidate": "stage:train"}}])
     specs = cfg.stage_specs("r1")
     paths = render.write_manifests(specs, tmp_path / "manifests", run="r1")
-    pinned = render.spec_of(render.load_manifest(paths[1])).inputs.models["candidate"].uri
-    assert pinned == str(Path(specs[0].outputs.workdir) / "model.pt")
+    job = render.load_manifest(paths[1])
+    assert render.spec_of(job).inputs.models["candidate"].uri == "stage:train"  # no checkpoint path: the registered version
+    assert job["metadata"]["annotations"]["selftrain.io/depends-on"] == "train"
