@@ -1,4 +1,4 @@
-"""Dataset operations behind ``selftrain data``: generate, import, version, push, pull, check out, show.
+"""Dataset operations behind ``selftrain data``: generate, import, split, version, push, pull, check out, show.
 
 Library functions, one per command, so everything the CLI does can be done from Python. Data
 generation and conversion are delegated to the data plane (``trainers.data``, numpy/PIL only);
@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from pipelines import dvc
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "val")  # PartWorld's splits (trainers.data.partworld.SPLITS)
+PART_SPLITS = ("eval", "val")  # the ones with part masks: eval reported, val for model selection only
 
 
 def _progress(samples: Iterable, total: int | None, desc: str, enabled: bool = True) -> Iterator:
@@ -40,8 +41,10 @@ def generate_partworld(
 ) -> dict:
     """Render PartWorld into ``<out>/<split>/`` as WebDataset shards with an index per split.
 
-    Deterministic from (seed, config): the same config gives byte-identical shards, hence the same
-    DVC hash. ``limit`` caps the number of images per split (for quick looks).
+    Splits: ``train`` (object labels), ``eval`` (part masks; the reported figures) and ``val`` (part
+    masks; model selection only). Deterministic from (seed, config): the same config gives
+    byte-identical shards, hence the same DVC hash; each split has its own seed stream, so adding
+    ``val`` changed no byte of ``train`` or ``eval``. ``limit`` caps the number of images per split.
     """
     from trainers.data import partworld, shards
 
@@ -51,14 +54,14 @@ def generate_partworld(
     for split in splits:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; PartWorld has {', '.join(SPLITS)}")
-        n = cfg.train_images if split == "train" else cfg.eval_images
+        n = cfg.split_size(split)
         if limit is not None:
             n = min(n, limit)
         samples = _progress(partworld.generate(cfg, split, 0, n), n, f"PartWorld {split}", progress)
         indexes[split] = shards.write_dataset(
             samples, out / split, name=f"partworld-{split}", split=split,
             categories=partworld.category_table(cfg),
-            part_categories=partworld.part_category_table(cfg) if split == "eval" else None,
+            part_categories=partworld.part_category_table(cfg) if split in PART_SPLITS else None,
             shard_size=shard_size, source=f"partworld:{config or 'demo'}",
         )
     (out / "partworld.yaml").write_text(_yaml_dump(cfg.model_dump()))
@@ -114,26 +117,53 @@ def import_folder(image_dir: str | Path, out: str | Path, *, name: str | None = 
 
 def import_coco(instances_json: str | Path, image_dir: str | Path, out: str | Path, *, name: str | None = None,
                 split: str = "train", shard_size: int = 1000, skip_bad: bool = False, progress: bool = True):
-    """COCO instance JSON + images -> shards with object labels."""
+    """COCO instance JSON + images -> shards with object labels.
+
+    Polygons overshooting the image by a little are clipped; the counts are in ``index.notes["import"]``.
+    """
     from trainers.data import coco_io, shards
 
-    cats, samples = coco_io.coco_samples(instances_json, image_dir)
+    report = coco_io.new_report()
+    cats, samples = coco_io.coco_samples(instances_json, image_dir, report=report)
     return shards.write_dataset(_progress(samples, None, "import COCO", progress), out, name=name or Path(out).name,
                                 split=split, categories=cats, shard_size=shard_size, skip_bad=skip_bad,
-                                source=str(instances_json))
+                                source=str(instances_json), notes={"import": report})
 
 
 def import_parts(parts_json: str | Path, image_dir: str | Path, out: str | Path, *, instances_json: str | Path | None = None,
-                 object_class: str | None = None, name: str | None = None, shard_size: int = 1000,
+                 object_class: str | None = None, name: str | None = None, split: str | None = None,
+                 as_training: bool = False, objects_from: str = "union", shard_size: int = 1000,
                  skip_bad: bool = False, progress: bool = True):
-    """PartImageNet-style COCO part JSON (+ optional instance JSON) -> evaluation shards."""
+    """PartImageNet-style COCO part JSON (+ optional instance JSON) -> shards.
+
+    Default: evaluation shards with part labels (split ``eval``). ``as_training``: an object-labelled
+    training split (split ``train``) with no part labels at all; objects come from the instance file
+    or, without one, from the parts (``objects_from``: ``union`` per object class, or ``components``).
+    """
     from trainers.data import coco_io, shards
 
+    report = coco_io.new_report()
     cats, part_cats, samples = coco_io.part_samples(parts_json, image_dir, instances_json=instances_json,
-                                                    object_class=object_class)
+                                                    object_class=object_class, objects_from=objects_from,
+                                                    as_training=as_training, report=report)
+    notes = {"import": report, "objects_from": "instances" if instances_json is not None else objects_from}
     return shards.write_dataset(_progress(samples, None, "import parts", progress), out, name=name or Path(out).name,
-                                split="eval", categories=cats, part_categories=part_cats, shard_size=shard_size,
-                                skip_bad=skip_bad, source=str(parts_json))
+                                split=split or ("train" if as_training else "eval"), categories=cats,
+                                part_categories=None if as_training else part_cats, shard_size=shard_size,
+                                skip_bad=skip_bad, source=str(parts_json), notes=notes)
+
+
+def split(dataset_dir: str | Path, out: str | Path, fractions: str | dict, *, seed: int = 0,
+          keep_parts: Iterable[str] = (), strip_labels: Iterable[str] = (), name: str | None = None,
+          shard_size: int = 1000) -> dict:
+    """Split a dataset by seeded fractions into ``<out>/<split>/`` datasets (see ``trainers.data.splits``).
+
+    Parts stay only in ``keep_parts`` splits (evaluation, selection); ``strip_labels`` splits keep images only.
+    """
+    from trainers.data import splits
+
+    return splits.split_dataset(dataset_dir, out, fractions, seed=seed, keep_parts=keep_parts,
+                                strip_labels=strip_labels, name=name, shard_size=shard_size)
 
 
 def export(dataset_dir: str | Path, out_json: str | Path, kind: str = "objects") -> dict:

@@ -2,7 +2,8 @@
 
 Stands in for PartImageNet (PartDistillation sec. 5): object classes are templates of 3-6 parts,
 part types (shape + texture + colour family) are shared across classes, and part masks exist
-only in the ``eval`` split. Every sample is a pure function of ``(config, split, index)`` and every
+only in the ``val`` split (model selection: promotion, early stopping) and the ``eval`` split
+(the reported figures); ``train`` has object labels only. Every sample is a pure function of ``(config, split, index)`` and every
 class template a pure function of ``(config, class_id)``, so any sample can be rendered by index,
 streams are trivially parallel, and 10k classes or 10M images need no storage up front.
 """
@@ -20,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.structures import annotation_from_mask
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "val")  # order fixes each split's seed stream: appending keeps train and eval unchanged
+PART_SPLITS = ("eval", "val")  # splits whose records carry part masks
 SHAPES = ("ellipse", "box", "diamond", "triangle")
 TEXTURES = ("solid", "stripes", "dots", "checker", "gradient")
 HUE_FAMILIES = 8  # colour families: hue ranges 45 degrees apart
@@ -43,7 +45,8 @@ class PartWorldConfig(BaseModel):
     min_instances: int = Field(1, ge=1, description="Fewest object instances drawn per image.")
     max_instances: int = Field(4, ge=1, description="Most object instances drawn per image.")
     train_images: int = Field(1500, ge=0, description="Size of the train split (what generate() yields by default).")
-    eval_images: int = Field(300, ge=0, description="Size of the eval split (the only split with part masks).")
+    eval_images: int = Field(300, ge=0, description="Size of the eval split (part masks; the reported figures only).")
+    val_images: int = Field(100, ge=0, description="Size of the val split (part masks; model selection only: promotion, early stopping).")
     min_object_scale: float = Field(0.35, gt=0, le=1.5, description="Smallest object extent, as a fraction of the image side.")
     max_object_scale: float = Field(0.65, gt=0, le=1.5, description="Largest object extent, as a fraction of the image side.")
     max_rotation_deg: float = Field(30.0, ge=0, le=180, description="Instances are rotated uniformly in [-max, max] degrees.")
@@ -52,7 +55,7 @@ class PartWorldConfig(BaseModel):
     placement_tries: int = Field(8, ge=1, description="Positions tried per instance before it is left out of the image.")
     min_visible_fraction: float = Field(0.3, ge=0, le=1, description="Objects whose visible area is below this fraction of their in-frame area are dropped, with their parts.")
     min_object_area: int = Field(64, ge=1, description="Objects with fewer visible pixels are dropped, with their parts.")
-    min_part_area: int = Field(4, ge=1, description="Visible parts with fewer pixels are left out of the eval record.")
+    min_part_area: int = Field(4, ge=1, description="Visible parts with fewer pixels are left out of the eval and val records.")
     clutter: float = Field(0.5, ge=0, le=1, description="Strength of the textured-noise background (0 = flat colour).")
     min_distractors: int = Field(0, ge=0, description="Fewest distractor shapes (belonging to no object) per image.")
     max_distractors: int = Field(3, ge=0, description="Most distractor shapes per image.")
@@ -75,7 +78,7 @@ class PartWorldConfig(BaseModel):
 
     @classmethod
     def demo(cls) -> "PartWorldConfig":
-        """The demo dataset: 112 px, 12 classes, 18 part types, 1500 train / 300 eval images."""
+        """The demo dataset: 112 px, 12 classes, 18 part types, 1500 train / 300 eval / 100 val images."""
         return cls()
 
     @classmethod
@@ -85,7 +88,7 @@ class PartWorldConfig(BaseModel):
         return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
 
     def split_size(self, split: str) -> int:
-        return {"train": self.train_images, "eval": self.eval_images}[_check_split(split)]
+        return {"train": self.train_images, "eval": self.eval_images, "val": self.val_images}[_check_split(split)]
 
 
 def _check_split(split: str) -> str:
@@ -356,8 +359,9 @@ def _compose(placed: list[dict], size: int) -> np.ndarray:
 def render_sample(cfg: PartWorldConfig, split: str, index: int) -> tuple[str, np.ndarray, dict]:
     """Sample ``index`` of ``split``: (key, HxWx3 uint8 image, record as in trainers.structures).
 
-    A pure function of (cfg, split, index) via SeedSequence([seed, split, index]). Parts are in the
-    record only for split == "eval"; masks are the visible pixels after occlusion.
+    A pure function of (cfg, split, index) via SeedSequence([seed, split, index]), so the splits never
+    share an image. Parts are in the record only for the PART_SPLITS (eval, val); masks are the
+    visible pixels after occlusion.
     """
     split_id = SPLITS.index(_check_split(split))
     if index < 0:
@@ -421,13 +425,13 @@ def render_sample(cfg: PartWorldConfig, split: str, index: int) -> tuple[str, np
         obj_id = i + 1
         record["objects"].append({**annotation_from_mask(obj_mask, id=obj_id, category_id=inst["class_id"]),
                                   "iscrowd": 0})
-        if split == "eval":
+        if split in PART_SPLITS:
             for k, p in enumerate(inst["parts"]):
                 pm = obj_mask & (part_of == k)
                 if int(pm.sum()) >= cfg.min_part_area:
                     parts.append(annotation_from_mask(pm, id=len(parts) + 1, object_id=obj_id,
                                                       category_id=p["part_type"]))
-    if split == "eval":
+    if split in PART_SPLITS:
         record["parts"] = parts
     return key, image, record
 

@@ -1,6 +1,7 @@
-"""PartWorld: determinism, random access, split semantics (parts only in eval), geometry and scale."""
+"""PartWorld: determinism, random access, split semantics (parts only in eval and val), geometry and scale."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from trainers.data.partworld import (
 from trainers.structures import decode_mask
 
 REPO = Path(__file__).resolve().parents[3]
-SMALL = PartWorldConfig(image_size=64, num_classes=6, num_part_types=10, train_images=12, eval_images=12,
+SMALL = PartWorldConfig(image_size=64, num_classes=6, num_part_types=10, train_images=12, eval_images=12, val_images=8,
                         min_object_area=32)
 
 
@@ -64,6 +65,30 @@ def test_generate_defaults_to_the_split_size_and_stream_never_ends():
     assert len(list(generate(SMALL, "train", start=10))) == SMALL.train_images - 10
     s = stream(SMALL.model_copy(update={"train_images": 2}), "train")
     assert [next(s)[0] for _ in range(4)] == [f"train-{i:08d}" for i in range(4)]
+
+
+def _split_digest(cfg: PartWorldConfig, split: str) -> str:
+    h = hashlib.sha256()
+    for k, img, rec in generate(cfg, split):
+        h.update(k.encode())
+        h.update(img.tobytes())
+        h.update(json.dumps(rec, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def test_adding_the_val_split_changed_no_byte_of_train_and_eval():
+    """Digests of SMALL's train and eval samples as rendered before the val split existed."""
+    assert _split_digest(SMALL, "train") == "4fc843a82190b5512d3e512dba68e53bf3cba07b1e9f2bdb3ce1aa19ef8fb70a"
+    assert _split_digest(SMALL, "eval") == "184435893e52bd2ea8a72373cae0bfa0e6226d9c061e71f753c2bb36f81bfeda"
+
+
+def test_val_split_has_parts_and_images_of_its_own():
+    val = list(generate(SMALL, "val"))
+    assert len(val) == SMALL.val_images and [k for k, _, _ in val] == [f"val-{i:08d}" for i in range(SMALL.val_images)]
+    assert all(rec["parts"] and rec["objects"] and rec["file_name"] == f"val/{i:08d}.png" for i, (_, _, rec) in enumerate(val))
+    others = {img.tobytes() for split in ("train", "eval") for _, img, _ in generate(SMALL, split, 0, SMALL.val_images)}
+    assert not others & {img.tobytes() for _, img, _ in val}
+    assert PartWorldConfig.demo().split_size("val") == 100
 
 
 def test_train_records_have_no_parts_key():
@@ -227,7 +252,7 @@ def test_out_of_range_ids_and_splits_are_rejected():
     with pytest.raises(ValueError, match="class_id"):
         class_template(SMALL, 0)
     with pytest.raises(ValueError, match="split"):
-        render_sample(SMALL, "val", 0)
+        render_sample(SMALL, "test", 0)
     with pytest.raises(ValueError, match="index"):
         render_sample(SMALL, "train", -1)
 
