@@ -44,7 +44,7 @@ def worker(args) -> None:
     if args.mode == "deepspeed":
         import deepspeed
 
-        from trainers.engine import init_distributed
+        from trainers.comm import init_distributed
 
         init_distributed(gpu=False)
     else:

@@ -47,7 +47,7 @@ def load_teacher(path: str | None):
 
 def batches(data: str, count: int, batch_size: int):
     from trainers.data import shards
-    from trainers.stages.common import images_to_tensor
+    from trainers.data.batches import images_to_tensor
 
     samples = list(itertools.islice(shards.iter_samples(data, allow_parts=True), count))
     out = []
@@ -132,11 +132,11 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from trainers.parts.mining import MiningConfig
+    from contract.stages.mine_parts import MinePartsParams
 
     torch.set_num_threads(1)
     model, teacher = load_teacher(args.teacher)
-    cfg = MiningConfig(objects=args.objects, batch_size=args.batch_size, score_threshold=args.score_threshold)
+    cfg = MinePartsParams(objects=args.objects, batch_size=args.batch_size, score_threshold=args.score_threshold)
     data = batches(args.data, args.images, args.batch_size)
     run_mining(model, data[:1], cfg)  # warm-up
     runs = [run_mining(model, data, cfg) for _ in range(args.repeats)]

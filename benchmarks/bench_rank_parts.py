@@ -157,7 +157,7 @@ def phase_cluster(args) -> dict:
 def phase_label(args) -> dict:
     """Eq. 2 density scores and cluster ids of every candidate (the stage's phase 3, one rank)."""
     from trainers.parts.class_clusters import spill_counts
-    from trainers.stages.rank_parts import score_candidates
+    from trainers.parts.candidates import score_candidates
 
     n = sum(spill_counts(args.spill).values())
     base = _maxrss_mb()

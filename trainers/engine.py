@@ -15,12 +15,10 @@ the samples each rank (and DataLoader worker) had consumed at its checkpoint.
 from __future__ import annotations
 
 import copy
-import dataclasses
+import io
 import itertools
-import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -33,52 +31,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from contract.io import deep_merge, write_atomic, write_json
 from contract.spec import StageSpec
-from trainers.checkpoint import Checkpointer, write_atomic
+from contract.stages.training import TrainParams
+from trainers.checkpoint import Checkpointer
+from trainers.comm import Dist, all_gather, all_reduce_min, init_distributed, on_gpu
 
 log = logging.getLogger(__name__)
 
 
 # -- configuration ----------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    """Engine settings read from ``spec.params`` (unknown keys are left to the stage)."""
-
-    steps: int = 100  # optimizer steps to train in total (resumed runs count the steps already done)
-    lr: float = 1e-3  # peak learning rate (AdamW)
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    warmup_steps: int = 0  # linear warm-up steps before the cosine decay
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
-    checkpoint_every: int = 50  # steps between checkpoints (the last step is always checkpointed)
-    keep_checkpoints: int = 2  # complete checkpoints kept on disk
-    log_every: int = 1  # steps between metric records (MLflow, progress bar)
-    seed: int = 0  # model init uses seed on every rank; data/augmentation use seed + rank
-    num_workers: int = 0  # DataLoader worker processes per rank
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in params.items() if k in names}
-        if "betas" in kwargs:
-            kwargs["betas"] = tuple(kwargs["betas"])
-        cfg = cls(**kwargs)
-        if cfg.steps < 1 or cfg.checkpoint_every < 1 or cfg.log_every < 1:
-            raise ValueError("params.steps, checkpoint_every and log_every must be >= 1")
-        return cfg
-
-
-def on_gpu(spec: StageSpec) -> bool:
-    return spec.resources.gpus_per_replica > 0 and torch.cuda.is_available()
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def deepspeed_config(spec: StageSpec, gpu: bool | None = None) -> dict[str, Any]:
     """DeepSpeed config: defaults (bf16 on GPU, fp32 on CPU) with ``spec.resources.deepspeed`` merged over them."""
     gpu = on_gpu(spec) if gpu is None else gpu
@@ -92,7 +54,7 @@ def deepspeed_config(spec: StageSpec, gpu: bool | None = None) -> dict[str, Any]
         "steps_per_print": 2**31 - 1,  # the engine reports progress itself
         "wall_clock_breakdown": False,
     }
-    cfg = deep_merge(defaults, spec.resources.deepspeed)
+    cfg = deep_merge(defaults, copy.deepcopy(spec.resources.deepspeed))
     cfg.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x world size
     if not gpu:
         for key in ("bf16", "fp16"):
@@ -102,62 +64,10 @@ def deepspeed_config(spec: StageSpec, gpu: bool | None = None) -> dict[str, Any]
     return cfg
 
 
-# -- distributed ------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(gpu: bool) -> Dist:
-    """Join the process group torchrun (or the training operator) describes; a lone process is world size 1."""
-    import deepspeed
-
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
-    os.environ.setdefault("RANK", str(rank))
-    os.environ.setdefault("WORLD_SIZE", str(world))
-    os.environ.setdefault("LOCAL_RANK", str(local))
-    if gpu:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if not gpu:
-        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU *inference* (minutes on a fresh
-        # machine, rebuilt when processes race on the cache); training never uses it.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", verbose=False)
-    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def all_reduce_min(value: int) -> int:
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -265,7 +175,7 @@ class FitResult:
     engine_config: dict[str, Any] = field(default_factory=dict)
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+def lr_lambda(cfg: TrainParams) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to ``min_lr_ratio``; a multiplier of the peak lr."""
 
     def f(step: int) -> float:
@@ -278,28 +188,49 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def fit(spec: StageSpec, *, build_model: Callable[[], torch.nn.Module], loss_fn: LossFn,
+def fit(spec: StageSpec, params: TrainParams, *, build_model: Callable[[], torch.nn.Module], loss_fn: LossFn,
         transform: Callable[[Sample], Any], collate: Callable[[list], Any], dataset: str = "train") -> FitResult:
     """Train ``build_model()`` on ``spec.inputs.datasets[dataset]`` for ``params.steps`` steps; resume if possible.
 
-    ``transform`` maps a (key, image, record) sample to what ``collate`` batches; ``loss_fn(engine, batch)``
-    returns (scalar loss, extra metrics). Checkpoints live in ``<workdir>/checkpoints``; the final
-    weights are written by rank 0 to ``<workdir>/model.pt`` as a plain ``state_dict``.
+    ``params`` are the stage's (a :class:`~contract.stages.training.TrainParams`). ``transform`` maps a
+    (key, image, record) sample to what ``collate`` batches; ``loss_fn(engine, batch)`` returns (scalar loss,
+    extra metrics). Checkpoints live in ``<workdir>/checkpoints``; the final weights are written by rank 0 to
+    ``<workdir>/model.pt`` as a plain ``state_dict``.
     """
-    import deepspeed
-
-    cfg = TrainConfig.from_params(spec.params)
     gpu = on_gpu(spec)
     d = init_distributed(gpu)
     workdir = Path(spec.outputs.workdir)
+    engine, scheduler, engine_config = _build_engine(spec, params, build_model, d, gpu)
+    data = _Data.plan(spec.inputs.datasets[dataset].path, engine, d, params.num_workers)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=params.keep_checkpoints)
+    pos = _Position.resume(ckpt, engine, d, data)
+    resumed_from = pos.step
+    logger = MetricLogger(spec, d.is_main, total=params.steps, initial=min(pos.step, params.steps))
+    try:
+        last_metrics = _train(engine, scheduler, params, loss_fn, transform, collate, d, data, ckpt, pos, logger)
+    finally:
+        logger.close()
+    state_dict = export_state_dict(engine, d)
+    model_path = None
+    if d.is_main:
+        buf = io.BytesIO()
+        torch.save(state_dict, buf)
+        model_path = str(write_atomic(workdir / "model.pt", buf.getvalue()))
+    return FitResult(steps=pos.step, resumed_from=resumed_from, metrics=last_metrics, state_dict=state_dict,
+                     model_path=model_path, dist=d, engine_config=engine_config)
+
+
+def _build_engine(spec: StageSpec, params: TrainParams, build_model, d: Dist, gpu: bool):
+    """Seeded model -> AdamW + warm-up/cosine schedule -> DeepSpeed engine; rank 0 writes ``engine.json``."""
+    import deepspeed
+
     ds_config = deepspeed_config(spec, gpu)
-
-    seed_everything(cfg.seed)  # identical initial weights on every rank
+    seed_everything(params.seed)  # identical initial weights on every rank
     model = build_model()
-    seed_everything(cfg.seed + d.rank)  # per-rank randomness for data and augmentation
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    seed_everything(params.seed + d.rank)  # per-rank randomness for data and augmentation
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, betas=tuple(params.betas),
+                                  weight_decay=params.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(params))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     engine_config = {
@@ -313,102 +244,125 @@ def fit(spec: StageSpec, *, build_model: Callable[[], torch.nn.Module], loss_fn:
         "backend": dist.get_backend(),
     }
     if d.is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_atomic(workdir / "engine.json", json.dumps({"deepspeed": ds_config, "engine": engine_config}, indent=2))
+        write_json(Path(spec.outputs.workdir) / "engine.json", {"deepspeed": ds_config, "engine": engine_config})
+    return engine, scheduler, engine_config
 
-    # -- data: every rank takes the same number of steps per epoch ------------------------------
-    data_path = spec.inputs.datasets[dataset].path
-    micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    min_count = all_reduce_min(rank_sample_count(data_path, rank=d.rank, world_size=d.world_size,
-                                                   num_workers=cfg.num_workers))
-    steps_per_epoch = min_count // (micro * accum)
-    if steps_per_epoch < 1:
-        raise ValueError(f"{data_path}: {min_count} samples on the smallest rank, fewer than one step "
-                         f"({micro} x {accum} micro-batches)")
-    num_workers = cfg.num_workers
 
-    # -- resume ---------------------------------------------------------------------------------
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
-    state = ckpt.load(engine) or {}
-    step = int(state.get("step", 0))
-    epoch = int(state.get("epoch", 0))
-    consumed = [0] * max(1, num_workers)
-    saved = state.get("data")
-    if saved is not None:
-        if saved.get("world_size") == d.world_size and saved.get("num_workers") == num_workers:
-            consumed = list(saved["consumed"][d.rank])
-        else:
-            log.warning("world size or workers changed since the checkpoint: epoch %d restarts from its first sample", epoch)
-    epoch_step = int(state.get("epoch_step", 0))
-    resumed_from = step
-    if d.is_main and step:
-        log.info("resumed from %s at step %d (epoch %d, step %d of %d)", ckpt.latest_tag(), step, epoch,
-                 epoch_step, steps_per_epoch)
+@dataclass
+class _Data:
+    """Where the samples come from and how many steps an epoch has (every rank takes the same number)."""
 
-    logger = MetricLogger(spec, d.is_main, total=cfg.steps, initial=min(step, cfg.steps))
+    path: str
+    micro: int  # samples per micro-batch
+    accum: int  # micro-batches per step
+    steps_per_epoch: int
+    num_workers: int
+
+    @classmethod
+    def plan(cls, path: str, engine, d: Dist, num_workers: int) -> "_Data":
+        micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+        min_count = all_reduce_min(rank_sample_count(path, rank=d.rank, world_size=d.world_size,
+                                                     num_workers=num_workers))
+        steps_per_epoch = min_count // (micro * accum)
+        if steps_per_epoch < 1:
+            raise ValueError(f"{path}: {min_count} samples on the smallest rank, fewer than one step "
+                             f"({micro} x {accum} micro-batches)")
+        return cls(path, micro, accum, steps_per_epoch, num_workers)
+
+
+@dataclass
+class _Position:
+    """Where training stands: step, epoch, step within the epoch and samples each DataLoader worker consumed."""
+
+    step: int
+    epoch: int
+    epoch_step: int
+    consumed: list[int]
+
+    @classmethod
+    def resume(cls, ckpt: Checkpointer, engine, d: Dist, data: _Data) -> "_Position":
+        """From the latest complete checkpoint (restoring the engine), or the start."""
+        state = ckpt.load(engine) or {}
+        pos = cls(step=int(state.get("step", 0)), epoch=int(state.get("epoch", 0)),
+                  epoch_step=int(state.get("epoch_step", 0)), consumed=[0] * max(1, data.num_workers))
+        saved = state.get("data")
+        if saved is not None:
+            if saved.get("world_size") == d.world_size and saved.get("num_workers") == data.num_workers:
+                pos.consumed = list(saved["consumed"][d.rank])
+            else:
+                log.warning("world size or workers changed since the checkpoint: epoch %d restarts from its first sample",
+                            pos.epoch)
+        if d.is_main and pos.step:
+            log.info("resumed from %s at step %d (epoch %d, step %d of %d)", ckpt.latest_tag(), pos.step, pos.epoch,
+                     pos.epoch_step, data.steps_per_epoch)
+        return pos
+
+
+def _train(engine, scheduler, params: TrainParams, loss_fn: LossFn, transform, collate, d: Dist, data: _Data,
+           ckpt: Checkpointer, pos: _Position, logger: MetricLogger) -> dict[str, float]:
+    """Epochs of steps until ``params.steps``; logs every ``log_every``, checkpoints every ``checkpoint_every``.
+    Returns the last logged metrics."""
     last_metrics: dict[str, float] = {}
     window: list[dict[str, float]] = []
     engine.train()
-    try:
-        while step < cfg.steps:
-            stream = ShardStream(data_path, d.rank, d.world_size, epoch, num_workers, consumed, transform)
-            loader = DataLoader(stream, batch_size=micro, num_workers=num_workers,
-                                collate_fn=_CollateWithWorker(collate), persistent_workers=False)
-            batches = iter(loader)
-            while step < cfg.steps and epoch_step < steps_per_epoch:
-                t0 = time.perf_counter()
-                step_metrics: dict[str, float] = {}
-                for _ in range(accum):
-                    try:
-                        worker, n, batch = next(batches)
-                    except StopIteration:
-                        raise RuntimeError(f"rank {d.rank}: data ran out at epoch {epoch} step {epoch_step} "
-                                           f"of {steps_per_epoch}") from None
-                    consumed[worker] += n
-                    loss, extra = loss_fn(engine, _to_device(batch, d.device))
-                    engine.backward(loss)
-                    engine.step()
-                    step_metrics["loss"] = step_metrics.get("loss", 0.0) + float(loss.detach()) / accum
-                    for k, v in extra.items():
-                        step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / accum
-                step += 1
-                epoch_step += 1
-                step_metrics["lr"] = scheduler.get_last_lr()[0]
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    step_metrics["grad_norm"] = float(grad_norm)
-                step_metrics["step_time_s"] = time.perf_counter() - t0
-                window.append(step_metrics)
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    last_metrics = _reduce_window(window)
-                    window = []
-                    logger.log(step, {f"train/{k}": v for k, v in last_metrics.items()})
-                logger.advance()
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    done_epoch = epoch_step >= steps_per_epoch
-                    ckpt.save(engine, step, {
-                        "step": step,
-                        "epoch": epoch + 1 if done_epoch else epoch,
-                        "epoch_step": 0 if done_epoch else epoch_step,
-                        "data": {"world_size": d.world_size, "num_workers": num_workers,
-                                 "consumed": _gather(consumed if not done_epoch else [0] * len(consumed))},
-                    })
-            del batches, loader
-            if epoch_step >= steps_per_epoch:
-                epoch, epoch_step, consumed = epoch + 1, 0, [0] * max(1, num_workers)
-    finally:
-        logger.close()
+    while pos.step < params.steps:
+        stream = ShardStream(data.path, d.rank, d.world_size, pos.epoch, data.num_workers, pos.consumed, transform)
+        loader = DataLoader(stream, batch_size=data.micro, num_workers=data.num_workers,
+                            collate_fn=_CollateWithWorker(collate), persistent_workers=False)
+        batches = iter(loader)
+        while pos.step < params.steps and pos.epoch_step < data.steps_per_epoch:
+            step_metrics = _step(engine, scheduler, loss_fn, batches, d, data, pos)
+            window.append(step_metrics)
+            if pos.step % params.log_every == 0 or pos.step == params.steps:
+                last_metrics = _reduce_window(window)
+                window = []
+                logger.log(pos.step, {f"train/{k}": v for k, v in last_metrics.items()})
+            logger.advance()
+            if pos.step % params.checkpoint_every == 0 or pos.step == params.steps:
+                _checkpoint(ckpt, engine, d, data, pos)
+        del batches, loader
+        if pos.epoch_step >= data.steps_per_epoch:
+            pos.epoch, pos.epoch_step, pos.consumed = pos.epoch + 1, 0, [0] * max(1, data.num_workers)
+    return last_metrics
 
-    # -- export ---------------------------------------------------------------------------------
-    state_dict = export_state_dict(engine, d)
-    model_path = None
-    if d.is_main:
-        model_path = str(workdir / "model.pt")
-        tmp = workdir / ".model.pt.tmp"
-        torch.save(state_dict, tmp)
-        os.replace(tmp, model_path)
-    return FitResult(steps=step, resumed_from=resumed_from, metrics=last_metrics, state_dict=state_dict,
-                     model_path=model_path, dist=d, engine_config=engine_config)
+
+def _step(engine, scheduler, loss_fn: LossFn, batches, d: Dist, data: _Data, pos: _Position) -> dict[str, float]:
+    """One optimizer step: ``accum`` micro-batches; advances ``pos``; returns the step's metrics."""
+    t0 = time.perf_counter()
+    step_metrics: dict[str, float] = {}
+    for _ in range(data.accum):
+        try:
+            worker, n, batch = next(batches)
+        except StopIteration:
+            raise RuntimeError(f"rank {d.rank}: data ran out at epoch {pos.epoch} step {pos.epoch_step} "
+                               f"of {data.steps_per_epoch}") from None
+        pos.consumed[worker] += n
+        loss, extra = loss_fn(engine, _to_device(batch, d.device))
+        engine.backward(loss)
+        engine.step()
+        step_metrics["loss"] = step_metrics.get("loss", 0.0) + float(loss.detach()) / data.accum
+        for k, v in extra.items():
+            step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / data.accum
+    pos.step += 1
+    pos.epoch_step += 1
+    step_metrics["lr"] = scheduler.get_last_lr()[0]
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        step_metrics["grad_norm"] = float(grad_norm)
+    step_metrics["step_time_s"] = time.perf_counter() - t0
+    return step_metrics
+
+
+def _checkpoint(ckpt: Checkpointer, engine, d: Dist, data: _Data, pos: _Position) -> None:
+    """A checkpoint at ``pos`` (collective); the end of an epoch is saved as the start of the next."""
+    done_epoch = pos.epoch_step >= data.steps_per_epoch
+    ckpt.save(engine, pos.step, {
+        "step": pos.step,
+        "epoch": pos.epoch + 1 if done_epoch else pos.epoch,
+        "epoch_step": 0 if done_epoch else pos.epoch_step,
+        "data": {"world_size": d.world_size, "num_workers": data.num_workers,
+                 "consumed": all_gather(pos.consumed if not done_epoch else [0] * len(pos.consumed))},
+    })
 
 
 def _to_device(batch, device: torch.device):
@@ -431,12 +385,6 @@ def _reduce_window(window: list[dict[str, float]]) -> dict[str, float]:
     for k in ("lr", "grad_norm"):  # identical on every rank: the last value, not a mean
         if k in window[-1]:
             out[k] = window[-1][k]
-    return out
-
-
-def _gather(obj) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
     return out
 
 

@@ -90,3 +90,14 @@ def annotation_from_mask(mask: np.ndarray, **fields: Any) -> dict:
     """A COCO-style annotation dict (segmentation, area, bbox) for a binary mask plus extra fields."""
     rle = encode_mask(mask)
     return {**fields, "segmentation": rle, "area": mask_area(rle), "bbox": mask_bbox(rle)}
+
+
+def masks_iou(a, b):
+    """(IoU, intersection) matrices [N, M] of bool mask tensors a [N, H, W] and b [M, H, W] (torch, on their device).
+
+    The union is clamped to 1 pixel, so empty masks give IoU 0 rather than NaN.
+    """
+    fa, fb = a.flatten(1).float(), b.flatten(1).float()
+    inter = fa @ fb.T
+    union = fa.sum(1, keepdim=True) + fb.sum(1)[None] - inter
+    return inter / union.clamp(min=1), inter

@@ -1,7 +1,8 @@
 """Checkpoints are published atomically: a half-written one is never picked up on restart."""
 from __future__ import annotations
 
-from trainers.checkpoint import COMPLETE, Checkpointer, write_atomic
+from contract.io import write_atomic
+from trainers.checkpoint import COMPLETE, Checkpointer
 
 
 def _complete(root, tag):

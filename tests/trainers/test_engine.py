@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from contract.spec import StageSpec
-from trainers.engine import ShardStream, TrainConfig, deepspeed_config, lr_lambda
-from trainers.stages.fit_objects import ObjectSegNet
+from contract.stages.training import TrainParams
+from trainers.engine import ShardStream, deepspeed_config, lr_lambda
+from trainers.models.object_seg import ObjectSegNet
 
 from runtime_helpers import REPO, make_spec, run_stage, torchrun_cmd
 
@@ -53,7 +54,7 @@ def test_bf16_on_gpu_fp32_on_cpu():
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_ratio():
-    f = lr_lambda(TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1))
+    f = lr_lambda(TrainParams(steps=100, warmup_steps=10, min_lr_ratio=0.1))
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
     assert f(55) < f(20)

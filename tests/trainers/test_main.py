@@ -9,7 +9,9 @@ import pytest
 
 from contract.spec import SpecError, StageSpec
 from trainers.__main__ import load_spec, main, result_document
-from trainers.stages import STAGES, StageResult, UnknownStage, get_stage
+from contract.stages import STAGES, UnknownStage
+from contract.stages import get as get_stage
+from trainers.stages import StageResult
 
 from runtime_helpers import REPO
 

@@ -64,3 +64,14 @@ def strip_baseline(records: Iterable[dict], k: int = 4) -> Iterator[tuple[dict, 
     """Stream ``(record, strip proposals)`` pairs, ready for ``PartProposalRecall.process(*pair)``."""
     for record in records:
         yield record, strip_record(record, k)
+
+
+def strip_proposals_of_masks(masks, height: int, width: int, k: int) -> list[dict]:
+    """Strips of detected instance masks, scored like :func:`strip_record` (share of the image)."""
+    out = []
+    for m in masks:
+        for strip in strip_proposals(m, k):
+            area = int(strip.sum())
+            out.append({"object_id": None, "segmentation": encode_mask(strip), "score": area / float(height * width),
+                        "area": area})
+    return out

@@ -195,3 +195,23 @@ def coco_proposal_ar(gt_records: Sequence[dict], pred_records: Sequence[Sequence
     out["coco/AP50"] = mean_valid(precision[t50, :, :, 0, -1])
     return out
 
+
+
+MAX_DETS = (1, 10, 50, 100, 200)  # the k of AR@k reported by default
+COCO_MAX_DETS = (1, 10, 100)  # COCOeval's maxDets
+
+
+def metric_key(name: str) -> str:
+    """An evaluator key as an MLflow metric name: ``AR@10`` -> ``eval/AR_10``, ``coco/AR@10`` -> ``eval/coco_AR_10``."""
+    return "eval/" + name.replace("@", "_").replace("/", "_")
+
+
+def stored_proposals(path: str, keys: set[str]) -> dict[str, list[dict]]:
+    """``proposals`` of the records of ``keys`` in a proposals dataset (images are not decoded)."""
+    from trainers.data import shards
+
+    out = {}
+    for key, _, record in shards.iter_samples(path, decode=False, allow_parts=True):
+        if key in keys:
+            out[key] = record.get("proposals", [])
+    return out

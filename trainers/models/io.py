@@ -5,11 +5,12 @@ The registered-model artifact of every PartDistillation stage is such a file, so
 """
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import torch
 
+from contract.io import write_atomic
 from trainers.models.config import SegmenterConfig
 from trainers.models.segmenter import Segmenter
 
@@ -18,13 +19,10 @@ FORMAT = "selftrain.segmenter/v1"
 
 def save_segmenter(path: str | Path, cfg: SegmenterConfig, state_dict: dict[str, torch.Tensor], **extra) -> Path:
     """Write ``{"format", "config", "state_dict", **extra}`` atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    buf = io.BytesIO()
     torch.save({"format": FORMAT, "config": cfg.model_dump(mode="json"),
-                "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, **extra}, tmp)
-    tmp.replace(path)
-    return path
+                "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, **extra}, buf)
+    return write_atomic(path, buf.getvalue())
 
 
 def read_segmenter_file(path: str | Path) -> dict:
@@ -57,3 +55,13 @@ def load_segmenter(path: str | Path, *, cfg: SegmenterConfig | None = None, enco
     if encoder is not None and unexpected:
         raise ValueError(f"{path}: unexpected weights {unexpected[:5]}")
     return model.to(map_location).eval()
+
+
+def load_ranker(path: str | Path, device: torch.device | str = "cpu"):
+    """``(Segmenter in eval mode, LabelMap)`` of a ``train-ranker`` model file (a segmenter file with ``label_map``)."""
+    from trainers.parts.label_map import LabelMap
+
+    blob = read_segmenter_file(path)
+    if "label_map" not in blob:
+        raise ValueError(f"{path}: not a part-ranker model (no label_map)")
+    return load_segmenter(path).to(device).eval(), LabelMap.from_doc(blob["label_map"])

@@ -105,3 +105,12 @@ class SetCriterion(nn.Module):
                 total = total + self.weights[name] * value
         losses["loss"] = total
         return losses
+
+
+def set_loss(engine, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Engine ``loss_fn`` of a Segmenter: the SetCriterion total plus its last-layer terms as metrics."""
+    images, targets = batch
+    dtype = next(p for p in engine.module.parameters()).dtype
+    outputs = engine(images.to(dtype))
+    losses = engine.module.loss(outputs, targets)
+    return losses["loss"], {k: float(losses[k].detach()) for k in ("loss_ce", "loss_mask", "loss_dice")}

@@ -10,18 +10,22 @@ object are dropped; the rest are the instance's class-agnostic part proposals.
 
 Every degenerate case is counted in :class:`MiningStats`, never raised: images without instances, instances
 below ``min_object_area``, masks covering fewer grid cells than k, features with fewer than k distinct values.
+
+``cfg`` below is the stage's params model (``contract.stages.mine_parts.MinePartsParams``; ``cluster-pixels``
+passes its own, which has the same instance-selection fields).
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainers.comm import Stats
 from trainers.parts.kmeans import assign_to_centroids, batched_kmeans, pack_instances
 from trainers.structures import encode_masks
 
@@ -29,43 +33,10 @@ EPS = 1e-12
 
 
 @dataclass
-class MiningConfig:
-    """Hyper-parameters of ``mine-parts`` (read from ``spec.params``; defaults are the paper's setting)."""
-
-    k: int = 4  # clusters per instance (PartDistillation Fig. 6 left: k=4)
-    metric: Literal["cosine", "l2"] = "cosine"  # k-means distance (Table 6: cosine)
-    feature_levels: tuple[int, ...] = (0, 1)  # indices into Segmenter.pixel_features: 0 = mask features (stride 4), 1 = stride 8, ...
-    max_points: int = 1024  # grid points per instance k-means is fitted on (seeded subsample); every pixel is assigned
-    iters: int = 20  # Lloyd iterations
-    objects: Literal["detected", "gt"] = "detected"  # instances to mine: the teacher's detections (sec. 4.2) or the records' objects (sec. 5.5)
-    score_threshold: float = 0.5  # detections kept with score > threshold (objects="detected")
-    max_detections: int = 20  # teacher predictions considered per image
-    min_object_area: float = 0.01  # instances smaller than this fraction of the image are skipped
-    min_part_area: float = 0.05  # proposals smaller than this fraction of their instance are dropped
-    refine: bool = False  # colour-affinity mean-field smoothing of the assignment (trainers.parts.refine)
-    refine_iters: int = 5  # mean-field iterations of the refinement
-    batch_size: int = 8  # images per forward pass and per batched k-means call
-    seed: int = 0  # k-means++ seeding and point subsampling (per instance, derived from the image key)
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "MiningConfig":
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in params.items() if k in names}
-        if "feature_levels" in kwargs:
-            kwargs["feature_levels"] = tuple(int(v) for v in kwargs["feature_levels"])
-        cfg = cls(**kwargs)
-        if cfg.k < 1 or cfg.max_points < 1 or cfg.batch_size < 1 or not cfg.feature_levels:
-            raise ValueError("params.k, max_points, batch_size must be >= 1 and feature_levels non-empty")
-        if cfg.objects not in ("detected", "gt"):
-            raise ValueError(f"params.objects must be 'detected' or 'gt', got {cfg.objects!r}")
-        if cfg.metric not in ("cosine", "l2"):
-            raise ValueError(f"params.metric must be 'cosine' or 'l2', got {cfg.metric!r}")
-        return cfg
-
-
-@dataclass
-class MiningStats:
+class MiningStats(Stats):
     """Counts of one rank's mining; ``mine/<name>`` metrics after summing over ranks."""
+
+    prefix = "mine/"
 
     images: int = 0
     images_without_objects: int = 0  # no instance in the record, or no detection above the threshold
@@ -79,16 +50,10 @@ class MiningStats:
     seconds_forward: float = 0.0  # in the model's forward pass (incl. detection)
     seconds_mining: float = 0.0  # everything after it: features, k-means, assignment, refinement, RLE
 
-    def add(self, other: "MiningStats") -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-    def as_metrics(self, prefix: str = "mine/") -> dict[str, float]:
-        out = {f"{prefix}{k}": float(v) for k, v in asdict(self).items()}
+    def derived(self) -> dict[str, float]:
         total = self.seconds_forward + self.seconds_mining
-        out[f"{prefix}share_outside_forward"] = self.seconds_mining / total if total > 0 else 0.0
-        out[f"{prefix}proposals_per_object"] = self.proposals / self.objects_mined if self.objects_mined else 0.0
-        return out
+        return {"share_outside_forward": self.seconds_mining / total if total > 0 else 0.0,
+                "proposals_per_object": self.proposals / self.objects_mined if self.objects_mined else 0.0}
 
 
 @dataclass
@@ -164,7 +129,7 @@ def mask_cells(masks: Tensor, size: tuple[int, int], k: int) -> tuple[Tensor, Te
 
 @torch.no_grad()
 def instance_points(levels: list[Tensor], instances: list[Instance], keys: list[str],
-                    cfg: MiningConfig) -> tuple[list[Tensor], Tensor]:
+                    cfg) -> tuple[list[Tensor], Tensor]:
     """The k-means problem of each instance: multi-scale features [n_i, D] of its grid cells (at most ``max_points``,
     a subsample seeded by image key and instance index), and ``few`` [I]: fewer than k cells even with the fallback."""
     grid = grid_features(levels, unit=cfg.metric == "cosine")  # [B, D, h, w]
@@ -182,7 +147,7 @@ def instance_points(levels: list[Tensor], instances: list[Instance], keys: list[
 
 @torch.no_grad()
 def mine_instances(levels: list[Tensor], instances: list[Instance], keys: list[str], images: Tensor | None,
-                   cfg: MiningConfig, stats: MiningStats) -> list[list[Proposal]]:
+                   cfg, stats: MiningStats) -> list[list[Proposal]]:
     """Part proposals of each instance (one list per instance, same order) from the batch's feature ``levels``.
 
     ``images`` [B, 3, H, W] (uint8) is needed only for ``cfg.refine``. Updates ``stats`` (not the timing).
@@ -270,7 +235,7 @@ def gt_instances(records: list[dict], device: torch.device) -> list[Instance]:
     return out
 
 
-def detected_instances(model, images: Tensor, records: list[dict], cfg: MiningConfig) -> list[Instance]:
+def detected_instances(model, images: Tensor, records: list[dict], cfg) -> list[Instance]:
     """The teacher's detections with score > ``score_threshold`` (sec. 4.2); each carries the id of the record
     object it overlaps with IoU >= 0.5, if any (None otherwise)."""
     from trainers.structures import decode_mask
@@ -295,7 +260,7 @@ def detected_instances(model, images: Tensor, records: list[dict], cfg: MiningCo
 
 
 @torch.no_grad()
-def mine_batch(model, keys: list[str], images: Tensor, records: list[dict], cfg: MiningConfig,
+def mine_batch(model, keys: list[str], images: Tensor, records: list[dict], cfg,
                stats: MiningStats) -> list[list[dict]]:
     """Mine one batch of same-size images (uint8 [B, 3, H, W] on the model's device): the ``proposals`` of each
     record. Instances below ``min_object_area`` are skipped; ``stats`` counts everything, timing included."""

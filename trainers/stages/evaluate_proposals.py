@@ -11,9 +11,7 @@ Ground truth: ``datasets["eval"]`` (an evaluation split with ``parts``). The pro
   or ``"detected"`` (``models["teacher"]``'s detections with score > ``score_threshold``), as in ``mine-parts``.
   Strip score: the strip's share of the image (``strip_record``).
 
-Params (defaults): ``baseline`` null, ``k`` 4, ``objects`` "gt", ``score_threshold`` 0.5, ``max_detections`` 20,
-``max_dets`` [1, 10, 50, 100, 200] (the k of AR@k), ``top_k`` max(max_dets), ``clip_to_objects`` false (intersect every proposal with the union of the GT objects),
-``batch_size`` 8, ``coco`` true (also run pycocotools COCOeval, useCats=0; gathers every mask on rank 0).
+Params: ``python -m trainers evaluate-proposals --help``.
 
 Metrics. MLflow metric names may not contain ``@``, so ``AR@k`` is written ``AR_k``:
 ``eval/AR_1``, ``eval/AR_10``, ``eval/AR_50``, ``eval/AR_100``, ``eval/AR_200`` (mean recall over IoU
@@ -28,53 +26,27 @@ import torch
 import torch.distributed as dist
 
 from contract.spec import StageSpec
+from contract.stages import params_of
+from trainers.comm import init_distributed
 from trainers.data import shards
-from trainers.engine import MetricLogger, init_distributed
-from trainers.evaluation import PartProposalRecall, coco_proposal_ar, strip_proposals, strip_record
+from trainers.data.batches import images_to_tensor, iter_batches
+from trainers.engine import MetricLogger
+from trainers.evaluation import PartProposalRecall, coco_proposal_ar, strip_record
+from trainers.evaluation.baselines import strip_proposals_of_masks
+from trainers.evaluation.proposals import COCO_MAX_DETS, metric_key, stored_proposals
+from trainers.inputs import dataset_input, load_model_input, stage_device
 from trainers.stages import StageResult
-from trainers.stages.common import dataset_input, images_to_tensor, iter_batches, load_model_input, stage_device
-from trainers.structures import encode_mask, encode_masks
-
-MAX_DETS = (1, 10, 50, 100, 200)
-COCO_MAX_DETS = (1, 10, 100)
+from trainers.structures import encode_masks
 
 
-def metric_key(name: str) -> str:
-    """An evaluator key as an MLflow metric name: ``AR@10`` -> ``eval/AR_10``, ``coco/AR@10`` -> ``eval/coco_AR_10``."""
-    return "eval/" + name.replace("@", "_").replace("/", "_")
-
-
-def stored_proposals(path: str, keys: set[str]) -> dict[str, list[dict]]:
-    """``proposals`` of the records of ``keys`` in a proposals dataset (images are not decoded)."""
-    out = {}
-    for key, _, record in shards.iter_samples(path, decode=False, allow_parts=True):
-        if key in keys:
-            out[key] = record.get("proposals", [])
-    return out
-
-
-def strip_proposals_of_masks(masks, height: int, width: int, k: int) -> list[dict]:
-    """Strips of detected instance masks, scored like ``strip_record`` (share of the image)."""
-    out = []
-    for m in masks:
-        for strip in strip_proposals(m, k):
-            area = int(strip.sum())
-            out.append({"object_id": None, "segmentation": encode_mask(strip), "score": area / float(height * width),
-                        "area": area})
-    return out
-
-
-def source_of(spec: StageSpec) -> str:
+def source_of(spec: StageSpec, baseline: str | None) -> str:
     """Which proposals the spec evaluates: ``proposals`` | ``model`` | ``strips`` (exactly one must be given)."""
     found = []
     if "proposals" in spec.inputs.datasets:
         found.append("proposals")
     if "parts" in spec.inputs.models or "candidate" in spec.inputs.models:
         found.append("model")
-    baseline = spec.params.get("baseline")
     if baseline is not None:
-        if baseline != "strips":
-            raise ValueError(f"params.baseline must be 'strips' (or absent), got {baseline!r}")
         found.append("strips")
     if len(found) != 1:
         raise ValueError("evaluate-proposals needs exactly one source of proposals: inputs.datasets.proposals, "
@@ -84,15 +56,11 @@ def source_of(spec: StageSpec) -> str:
 
 def run(spec: StageSpec) -> StageResult | None:
     """AR@k of this rank's share of the eval records; counts summed on rank 0 (COCOeval over all masks there)."""
-    p = spec.params
-    source = source_of(spec)
-    k, objects = int(p.get("k", 4)), p.get("objects", "gt")
-    if objects not in ("gt", "detected"):
-        raise ValueError(f"params.objects must be 'gt' or 'detected', got {objects!r}")
-    score_threshold, max_detections = float(p.get("score_threshold", 0.5)), int(p.get("max_detections", 20))
-    max_dets = tuple(int(v) for v in p.get("max_dets", MAX_DETS))
-    top_k, batch_size = int(p.get("top_k", max(max_dets))), int(p.get("batch_size", 8))
-    clip, use_coco = bool(p.get("clip_to_objects", False)), bool(p.get("coco", True))
+    p = params_of(spec)
+    source = source_of(spec, p.baseline)
+    k, objects, score_threshold, max_detections = p.k, p.objects, p.score_threshold, p.max_detections
+    max_dets, top_k = p.max_dets, p.top_k or max(p.max_dets)
+    batch_size, clip, use_coco = p.batch_size, p.clip_to_objects, p.coco
 
     device = stage_device(spec)
     d = init_distributed(device.type == "cuda")

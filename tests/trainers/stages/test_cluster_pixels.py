@@ -11,7 +11,8 @@ from stage_helpers import result, stage_spec, tiny_segmenter_file, write_world64
 from trainers.data import shards
 from trainers.models.io import load_segmenter, read_segmenter_file, save_segmenter
 from trainers.stages.cluster_pixels import run
-from trainers.stages.train_ranker import LabelMap, RankerTargets
+from trainers.parts.label_map import LabelMap
+from trainers.parts.ranking import RankerTargets
 from trainers.structures import decode_mask
 
 

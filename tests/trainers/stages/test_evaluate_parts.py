@@ -15,7 +15,7 @@ from trainers.data.partworld import category_table, generate
 from trainers.models.config import DecoderConfig, EncoderConfig, SegmenterConfig
 from trainers.models.io import save_segmenter
 from trainers.models.segmenter import Segmenter
-from trainers.stages.common import StageInputError
+from trainers.inputs import StageInputError
 from trainers.stages.evaluate_parts import run
 
 KEYS = ("nmi", "ari", "miou", "miou_parts", "miou_hungarian", "miou_hungarian_parts", "AR_200")

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from trainers.models.io import load_segmenter, read_segmenter_file
-from trainers.stages.instance_teacher import coco_mask_ap, model_config
+from contract.stages.instance_teacher import InstanceTeacherParams
+from trainers.evaluation.instances import coco_mask_ap
+from trainers.models.presets import teacher_config
 from trainers.structures import encode_mask
 
 from runtime_helpers import REPO, run_stage
@@ -53,7 +55,7 @@ def test_coco_mask_ap_without_predictions_is_zero_not_an_error():
 
 
 def test_model_config_takes_num_classes_from_the_data():
-    cfg = model_config({"model": {"decoder": {"num_classes": 99, "num_queries": 7}}}, num_classes=3)
+    cfg = teacher_config(InstanceTeacherParams(model={"decoder": {"num_classes": 99, "num_queries": 7}}).model, num_classes=3)
     assert cfg.decoder.num_classes == 3 and cfg.decoder.num_queries == 7
 
 
@@ -98,7 +100,7 @@ def test_import_from_a_segmenter_file_skips_training(tmp_path, tiny_partworld):
 
 
 def test_missing_train_dataset_is_named_in_the_error(tmp_path):
-    from trainers.stages.common import StageInputError
+    from trainers.inputs import StageInputError
     from trainers.stages.instance_teacher import run
 
     spec = stage_spec("instance-teacher", tmp_path / "work", datasets={"train": tmp_path / "nowhere"}, nproc=1)

@@ -10,8 +10,9 @@ from runtime_helpers import free_port, run_stage
 from stage_helpers import result, stage_spec, tiny_segmenter_file, write_world64
 from trainers.data import shards
 from trainers.models.io import load_segmenter
-from trainers.parts.mining import MiningConfig, MiningStats, mine_batch
-from trainers.stages.common import images_to_tensor
+from contract.stages.mine_parts import MinePartsParams
+from trainers.data.batches import images_to_tensor
+from trainers.parts.mining import MiningStats, mine_batch
 from trainers.stages.mine_parts import run
 from trainers.structures import decode_mask, encode_mask
 
@@ -101,7 +102,7 @@ def test_masks_with_fewer_pixels_than_k_or_none_are_counted_not_fatal(world):
                                             {"id": 8, "category_id": 1, "segmentation": encode_mask(tiny & False)}]}
     stats = MiningStats()
     out = mine_batch(load_segmenter(world["teacher"]), keys, images, records,
-                     MiningConfig(objects="gt", min_object_area=0.0, min_part_area=0.0), stats)
+                     MinePartsParams(objects="gt", min_object_area=0.0, min_part_area=0.0), stats)
     assert stats.objects_too_small == 1  # the empty mask
     assert stats.objects_fewer_points_than_k == 1
     props = [decode_mask(p["segmentation"]) for p in out[0]]
@@ -115,7 +116,7 @@ def test_all_identical_features_give_one_proposal_per_object(world):
             p.zero_()  # every pixel feature is the zero vector
     keys, images, records = _batch(world)
     stats = MiningStats()
-    out = mine_batch(model, keys, images, records, MiningConfig(objects="gt", min_object_area=0.0), stats)
+    out = mine_batch(model, keys, images, records, MinePartsParams(objects="gt", min_object_area=0.0), stats)
     n_objects = sum(len(r["objects"]) for r in records)
     assert stats.objects_degenerate_features + stats.objects_fewer_points_than_k == n_objects
     for props, record in zip(out, records):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from trainers.data import shards
-from trainers.stages.pseudo_label import PseudoLabelConfig, PseudoLabelStats, filter_parts
+from contract.stages.pseudo_label import DEFINITION, PseudoLabelParams
+from trainers.parts.filters import PseudoLabelStats, filter_parts
 from trainers.structures import decode_mask
 
 from runtime_helpers import REPO, run_stage
@@ -25,7 +26,7 @@ def _box(x0, y0, x1, y1, size=16):
 
 
 OBJECTS = torch.stack([_box(0, 0, 8, 8), _box(8, 8, 16, 16)])
-CFG = PseudoLabelConfig(score_threshold=0.5, min_overlap=0.5, min_part_area=0.05, duplicate_iou=0.7)
+CFG = PseudoLabelParams(score_threshold=0.5, min_overlap=0.5, min_part_area=0.05, duplicate_iou=0.7)
 
 
 def _filter(parts, scores, cfg=CFG):
@@ -68,7 +69,7 @@ def test_no_instances_drops_every_part_as_outside():
 
 def test_objects_must_be_detected_or_gt():
     with pytest.raises(ValueError, match="objects"):
-        PseudoLabelConfig.from_params({"objects": "both"})
+        DEFINITION.parse({"objects": "both"})
 
 
 def _drop_objects_of_every_third(sample):
@@ -129,7 +130,7 @@ def test_images_without_detections_are_counted_not_an_error(tmp_path):
 
 
 def test_missing_output_dataset_is_an_error(tmp_path):
-    from trainers.stages.common import StageInputError
+    from trainers.inputs import StageInputError
     from trainers.stages.pseudo_label import run
 
     spec = stage_spec("pseudo-label", tmp_path / "work", datasets={"images": tmp_path}, nproc=1)

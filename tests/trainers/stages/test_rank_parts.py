@@ -12,8 +12,10 @@ from runtime_helpers import free_port, run_stage
 from stage_helpers import result, stage_spec, tiny_segmenter_file, write_world64
 from trainers.data import shards
 from trainers.parts.class_clusters import spill_counts
-from trainers.stages import rank_parts
-from trainers.stages.rank_parts import RankPartsStats, object_segments, pixel_owners, run
+from trainers.parts import candidates
+from trainers.parts.assignment import object_segments, pixel_owners
+from trainers.parts.candidates import RankPartsStats
+from trainers.stages.rank_parts import run
 from trainers.structures import decode_mask
 
 PARAMS = {"k": 3, "score_threshold": 0.0, "batch_size": 8}  # a random-init part model scores about 0.3
@@ -121,7 +123,7 @@ def test_a_class_without_candidates_is_reported_and_gets_no_labels(tmp_path, wor
 
 
 def test_nan_and_zero_features_are_dropped_and_counted(tmp_path, world, one_rank, monkeypatch):
-    original = rank_parts.part_predictions
+    original = candidates.part_predictions
 
     def broken(model, images):
         preds = original(model, images)
@@ -130,7 +132,7 @@ def test_nan_and_zero_features_are_dropped_and_counted(tmp_path, world, one_rank
             p.query_features[1::3] = 0.0
         return preds
 
-    monkeypatch.setattr(rank_parts, "part_predictions", broken)
+    monkeypatch.setattr(candidates, "part_predictions", broken)
     m = run(rank(tmp_path, world)).metrics
     bad = m["rank_parts/nan_features"] + m["rank_parts/zero_features"]
     assert m["rank_parts/nan_features"] > 0 and m["rank_parts/zero_features"] > 0
@@ -147,7 +149,7 @@ def test_a_rerun_reuses_the_spill_and_reclusters_only_a_deleted_class(tmp_path, 
     clusters = tmp_path / "work-out" / "clusters"
     done = sorted(clusters.glob("class-*.npz"))
     done[-1].unlink()
-    (shards.part_dir(tmp_path / "out", 0) / "rank_parts.json").unlink()  # the labels are redone too
+    (shards.part_dir(tmp_path / "out", 0) / "shardmap.json").unlink()  # the labels are redone too
     second = run(spec).metrics
     assert second["rank_parts/reused_spill_ranks"] == 1
     assert second["rank_parts/classes_resumed"] == len(done) - 1

@@ -6,8 +6,9 @@ import torch
 
 from trainers.data import shards
 from trainers.models.io import load_segmenter
-from trainers.stages.common import images_to_tensor, proposal_targets
-from trainers.stages.train_proposals import part_config
+from contract.stages.train_proposals import TrainProposalsParams
+from trainers.data.batches import images_to_tensor, proposal_targets
+from trainers.models.presets import part_config
 
 from runtime_helpers import run_stage
 from stage_helpers import TINY_DECODER, mlflow_run, result, stage_spec, tiny_segmenter_file, write_proposals_dataset
@@ -29,21 +30,21 @@ def _mean_best_iou(model, dataset) -> float:
 
 def test_part_config_is_single_class_with_the_teachers_frozen_encoder(tmp_path):
     teacher = load_segmenter(tiny_segmenter_file(tmp_path / "t.pt"))
-    cfg = part_config({"model": {"decoder": {"num_queries": 12}}}, teacher.cfg.encoder)
+    cfg = part_config(TrainProposalsParams(model={"decoder": {"num_queries": 12}}).model, teacher.cfg.encoder)
     assert cfg.decoder.num_classes == 1 and cfg.freeze_encoder and cfg.decoder.num_queries == 12
     assert cfg.encoder == teacher.cfg.encoder
 
 
 def test_an_encoder_override_is_refused(tmp_path):
-    from trainers.stages.common import StageInputError
+    from trainers.inputs import StageInputError
 
     teacher = load_segmenter(tiny_segmenter_file(tmp_path / "t.pt"))
     with pytest.raises(StageInputError, match="params.model.encoder"):
-        part_config({"model": {"encoder": {"pixel_dim": 8}}}, teacher.cfg.encoder)
+        part_config(TrainProposalsParams(model={"encoder": {"pixel_dim": 8}}).model, teacher.cfg.encoder)
 
 
 def test_missing_teacher_model_file_is_named_in_the_error(tmp_path):
-    from trainers.stages.common import StageInputError
+    from trainers.inputs import StageInputError
     from trainers.stages.train_proposals import run
 
     data = write_proposals_dataset(tmp_path / "proposals", 4)

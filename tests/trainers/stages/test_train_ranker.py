@@ -13,17 +13,13 @@ from runtime_helpers import free_port, run_stage
 from stage_helpers import mlflow_run, result, stage_spec, tiny_segmenter_file, write_world64
 from trainers.data import shards
 from trainers.evaluation.clustering import PartClusteringEvaluator
+from trainers.data.batches import images_to_tensor
+from trainers.models.io import load_ranker
+from trainers.parts.label_map import LabelMap
+from trainers.parts.ranking import RankerTargets, class_conditioned_parts, predict_part_labels
 from trainers.stages import rank_parts
-from trainers.stages.common import images_to_tensor
-from trainers.stages.train_ranker import (
-    LabelMap,
-    RankerTargets,
-    class_conditioned_parts,
-    load_ranker,
-    predict_part_labels,
-    run,
-    run_relabel,
-)
+from trainers.stages.rank_pseudo_label import run as run_relabel
+from trainers.stages.train_ranker import run
 from trainers.structures import decode_mask
 
 
@@ -164,7 +160,7 @@ def test_a_second_round_on_two_ranks_starts_from_the_previous_ranker(tmp_path, r
 def test_a_dataset_without_any_cluster_is_refused_with_its_name(tmp_path, ranked, one_rank):
     import shutil
 
-    from trainers.stages.common import StageInputError
+    from trainers.inputs import StageInputError
 
     empty = tmp_path / "empty"
     shutil.copytree(ranked["ranked"], empty)

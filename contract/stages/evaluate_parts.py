@@ -1,0 +1,33 @@
+"""``evaluate-parts``: class-specific part segmentation against held-out part masks (PartDistillation sec. 5.1, Tables 2-3)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from contract.stages import Params, StageDefinition
+
+
+class EvaluatePartsParams(Params):
+    """Settings reported and the objects of the 'pred' setting (sec. 5.1, Table 3 'GT Object')."""
+
+    settings: tuple[Literal["gt", "pred"], ...] = Field(default=("gt", "pred"), min_length=1, description="gt: with ground-truth object masks and classes; pred: with the instance teacher's detections (Table 3).")
+    max_dets: tuple[int, ...] = Field(default=(1, 10, 50, 100, 200), min_length=1, description="The k of the class-agnostic AR@k of the part masks.")
+    object_score_threshold: float = Field(default=0.5, ge=0, le=1, description="Detections kept with score > this (setting pred).")
+    max_detections: int = Field(default=20, ge=1, description="Instance-teacher predictions considered per image (setting pred).")
+    batch_size: int = Field(default=8, ge=1, description="Images per inference batch.")
+
+
+DEFINITION = StageDefinition(
+    name="evaluate-parts",
+    summary="NMI/ARI/mIoU of part cluster ids and AR@k of part masks, with GT or detected objects (PartDistillation sec. 5.1, Tables 2-3); exactly one source of predictions.",
+    kind="evaluate",
+    params=EvaluatePartsParams,
+    entry="trainers.stages.evaluate_parts:run",
+    datasets={"eval": "An evaluation split with part masks (the ground truth).",
+              "labels": "A labels dataset on the eval images (rank-parts / cluster-pixels records), matched by key."},
+    models={"candidate": "A train-ranker model run on the eval images, conditioned on the objects.",
+            "ranker": "The same, under its stage's name.",
+            "instance_teacher": "The detector of the pred setting (needed with a model and settings including pred)."},
+    optional=frozenset({"labels", "candidate", "ranker", "instance_teacher"}),
+)

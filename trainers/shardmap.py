@@ -1,0 +1,165 @@
+"""The map over shards every labelling stage runs (mine-parts, pseudo-label, rank-parts, rank-pseudo-label, cluster-pixels).
+
+One skeleton (DESIGN.md "idempotent and resumable"): parse the params, require ``outputs.dataset``, join the
+process group, fingerprint, and on every rank r write its share of ``inputs.datasets.images``
+(``iter_samples(rank=r)``) as a complete dataset part ``<out>/rank-<r>`` (``shards.part_dir``; atomic as every
+``shards.write_dataset``) -- or skip it when that part is already complete for the same fingerprint. Then the
+counters (a :class:`~trainers.comm.Stats`) are summed over ranks, rank 0 publishes one index over all parts
+(``shards.merge_parts``), logs the metrics and returns the :class:`~trainers.stages.StageResult`.
+
+A stage supplies only its per-batch labelling function (``label(keys, images, records, stats) -> proposals per
+image``, built once per rank by ``labeller(dist)`` so models load only when a part is written), its stats and the
+output name; :meth:`ShardMap.run` does the rest. Multi-phase stages (rank-parts, cluster-pixels) use the
+pieces: :meth:`ShardMap.write_part`, :meth:`ShardMap.finish`.
+
+**Fingerprint** (:func:`fingerprint`): the sha256 of (the spec's inputs -- every dataset's path and DVC hash,
+every model's URI --, the parsed params with their defaults filled in, the world size). A rank part holds
+``shardmap.json`` = ``{"fingerprint", "stats"}``, written after its index, and a rerun skips a part whose
+``shardmap.json`` carries the same fingerprint. A local model file (or dataset path) rewritten in place under the
+same name is not seen: the control plane pins ``models:/`` aliases to versions and versions datasets by DVC
+hash. Stages whose parts depend on more pass it (``more``): rank-parts its spill generation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from contract.io import read_json, write_json
+from contract.spec import StageSpec
+from contract.stages import Params
+from trainers.comm import Dist, Stats, all_reduce_max, all_reduce_stats, barrier, init_distributed, on_gpu
+from trainers.data import shards
+from trainers.data.batches import images_to_tensor, iter_batches, iter_same_size, with_proposals
+from trainers.inputs import dataset_input, log_metrics, output_dataset
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "shardmap.json"  # <out>/rank-<r>/shardmap.json: fingerprint + stats of a complete part
+
+Sample = tuple[str, Any, dict]  # (key, image bytes, record)
+Label = Callable[[list[str], Any, list[dict], Stats], list[list[dict]]]
+
+
+def fingerprint(spec: StageSpec, params: Params | dict, world_size: int, **more: Any) -> str:
+    """sha256 of the spec's inputs (dataset paths and DVC hashes, model URIs), the parsed params (defaults filled
+    in), the world size and ``more`` (what a stage's parts depend on besides)."""
+    doc = {"inputs": spec.inputs.model_dump(mode="json"),
+           "params": params.model_dump(mode="json") if isinstance(params, Params) else params,
+           "world_size": world_size, **more}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ShardMap:
+    """One rank's view of a map over the shards of ``inputs.datasets.images`` into ``outputs.dataset``."""
+
+    def __init__(self, spec: StageSpec, params: Params, *, name: str, d: Dist | None = None, **more: Any):
+        self.spec, self.params = spec, params
+        self.out = output_dataset(spec)
+        self.images = dataset_input(spec, "images")
+        self.index = shards.DatasetIndex.load(self.images)
+        self.name = f"{self.index.name}-{name}"
+        self.dist = d or init_distributed(on_gpu(spec))
+        self.part = shards.part_dir(self.out, self.dist.rank)
+        self.fingerprint = fingerprint(spec, params, self.dist.world_size, **more)
+        self.resumed = False
+        self.t0 = time.perf_counter()
+
+    def depend_on(self, **more: Any) -> None:
+        """The parts depend on ``more`` too (known only after earlier phases)."""
+        self.fingerprint = fingerprint(self.spec, self.params, self.dist.world_size, **more)
+
+    def num_samples(self) -> int:
+        """Samples of this rank's share."""
+        return shards.num_samples_for(self.index, rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def done(self) -> dict | None:
+        """``shardmap.json`` of this rank's part when it is complete for the current fingerprint."""
+        doc = read_json(self.part / DONE_FILE)
+        if not doc or doc.get("fingerprint") != self.fingerprint:
+            return None
+        try:
+            shards.DatasetIndex.load(self.part)
+        except shards.DataError:
+            return None
+        return doc
+
+    def write_part(self, samples: Callable[[], Iterable[Sample]], stats: Stats) -> Stats:
+        """This rank's part: skipped when complete (its saved stats returned), else written from ``samples()``
+        (which counts into ``stats``) and marked complete."""
+        doc = self.done()
+        if doc is not None:
+            self.resumed = True
+            log.info("rank %d: %s already holds this share (%s): skipped", self.dist.rank, self.part, self.fingerprint)
+            return type(stats).from_dict(doc["stats"])
+        (self.part / DONE_FILE).unlink(missing_ok=True)
+        shards.write_dataset(samples(), self.part, name=self.name, split=self.index.split,
+                             categories=self.index.categories, shard_size=self.params.shard_size,
+                             source=f"{self.spec.stage}:{self.fingerprint}")
+        write_json(self.part / DONE_FILE, {"fingerprint": self.fingerprint, "stats": stats.to_dict()}, indent=1)
+        return stats
+
+    def labelled(self, label: Label, stats: Stats, *, same_size: bool = False, allow_parts: bool = False,
+                 on_batch: Callable[[int], None] = lambda n: None) -> Iterator[Sample]:
+        """This rank's samples, each record's ``proposals`` replaced by ``label`` of its batch (``batch_size`` images;
+        ``same_size``: split into runs of one image size, never padded; else zero-padded to the largest)."""
+        d, bs = self.dist, self.params.batch_size
+        if same_size:
+            for group in iter_same_size(self.images, bs, rank=d.rank, world_size=d.world_size, allow_parts=allow_parts):
+                keys, records = [g[0] for g in group], [g[3] for g in group]
+                images = images_to_tensor([g[2] for g in group]).to(d.device)
+                for (key, raw, _, record), props in zip(group, label(keys, images, records, stats)):
+                    yield key, raw, with_proposals(record, props)
+                on_batch(len(group))
+            return
+        for keys, blobs, records in iter_batches(self.images, bs, rank=d.rank, world_size=d.world_size, decode=False,
+                                                 allow_parts=allow_parts):
+            images = images_to_tensor([shards.decode_image(b, key=k) for k, b in zip(keys, blobs)]).to(d.device)
+            for key, blob, record, props in zip(keys, blobs, records, label(keys, images, records, stats)):
+                yield key, blob, with_proposals(record, props)
+            on_batch(len(keys))
+
+    def finish(self, stats: Stats, metrics: Callable[[Stats, float, shards.DatasetIndex | None], dict] | None = None,
+               publish: Callable[[Path], None] | None = None, logger=None):
+        """Sum ``stats`` over ranks, merge the parts and ``publish`` extra files (rank 0), compute the metrics (every
+        rank: ``metrics(total, slowest rank's seconds, merged index or None)`` may use collectives), log them on
+        rank 0; returns the StageResult on rank 0, None elsewhere."""
+        from trainers.stages import StageResult
+
+        total = all_reduce_stats(stats)
+        wall = all_reduce_max(time.perf_counter() - self.t0)
+        merged = None
+        if self.dist.is_main:
+            merged = shards.merge_parts(self.out, self.dist.world_size, name=self.name)
+            if publish is not None:
+                publish(self.out)
+        result = metrics(total, wall, merged) if metrics is not None else total.as_metrics()
+        if self.dist.is_main:
+            if logger is not None:
+                logger.log(0, result)
+            else:
+                log_metrics(self.spec, result)
+            log.info("%s: %s", self.spec.stage, ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in result.items()))
+        barrier()
+        if not self.dist.is_main:
+            return None
+        return StageResult(metrics=result, dataset_path=str(self.out))
+
+    def run(self, labeller: Callable[[Dist], Label], stats: Stats, *, same_size: bool = False,
+            allow_parts: bool = False, metrics=None, publish=None):
+        """The whole map: write (or skip) this rank's part labelled by ``labeller(dist)``, then :meth:`finish`."""
+        from trainers.engine import MetricLogger
+
+        logger = MetricLogger(self.spec, self.dist.is_main, total=0 if self.done() else self.num_samples(), initial=0)
+        try:
+            def samples():
+                return self.labelled(labeller(self.dist), stats, same_size=same_size, allow_parts=allow_parts,
+                                     on_batch=logger.advance)
+
+            stats = self.write_part(samples, stats)
+            return self.finish(stats, metrics, publish, logger)
+        finally:
+            logger.close()
