@@ -234,8 +234,13 @@ def is_done(marker: dict | None, result: dict | None, fingerprint: str) -> bool:
 
 
 def workspace_repo_root(spec: StageSpec) -> Path:
-    """Where a job makes the DVC repository for its output dataset when none holds it: the runs folder."""
-    return Path(spec.outputs.workdir).parent.parent
+    """Where a job makes the DVC repository for its output dataset when none holds it.
+
+    The deepest folder holding both the stage's workdir and its output dataset: the workspace root
+    for datasets under ``workspace.data``, the run folder for datasets a pipeline keeps in its run
+    (a driver makes the repository at the workspace root first; a job uses the one it finds).
+    """
+    return Path(os.path.commonpath([Path(spec.outputs.workdir).resolve(), Path(spec.outputs.dataset or spec.outputs.workdir).resolve()]))
 
 
 def finish(spec: StageSpec, lineage: Any, run_id: str, result: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,18 @@ def with_stand_in(job: dict[str, Any], env: dict[str, str] | None = None) -> dic
 class StandInExecutor:
     """The real local executor running rendered jobs unchanged but for the stand-in trainer; records what it ran."""
 
-    def __init__(self, env: dict[str, str] | None = None, grace_seconds: float = 5.0, **kw: Any):
+    def __init__(self, env: dict[str, str] | None = None, grace_seconds: float = 5.0, per_stage: dict[str, dict[str, str]] | None = None, **kw: Any):
         self.env = env or {}
+        self.per_stage = per_stage or {}
         self.inner = LocalExecutor(grace_seconds=grace_seconds, echo=lambda line: None, **kw)
         self.jobs: list[dict[str, Any]] = []
+        self.spans: dict[str, tuple[float, float]] = {}  # stage name -> (start, end), monotonic seconds
 
     def run(self, job, log_dir=None):
         self.jobs.append(job)
-        return self.inner.run(with_stand_in(job, self.env), log_dir=log_dir)
+        name = spec_of(job).name
+        start = time.monotonic()
+        try:
+            return self.inner.run(with_stand_in(job, {**self.env, **self.per_stage.get(name, {})}), log_dir=log_dir)
+        finally:
+            self.spans[name] = (start, time.monotonic())
