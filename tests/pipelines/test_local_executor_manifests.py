@@ -1,4 +1,5 @@
-"""The local executor runs a checked-in manifest from manifests/ unchanged (its PVCs mapped to local folders)."""
+"""The local executor runs a checked-in manifest from manifests/ (its PVCs mapped to local folders, the cluster's
+MLflow Service played by a local ``mlflow server``): the whole stage job, trainer and registration."""
 from __future__ import annotations
 
 import json
@@ -17,10 +18,13 @@ MANIFEST = REPO / "manifests" / "pipeline" / "00-instance-teacher.yaml"
 
 
 @pytest.mark.slow
-def test_local_executor_runs_the_first_stage_manifest_unchanged(tmp_path: Path) -> None:
+def test_local_executor_runs_the_first_stage_manifest(tmp_path: Path, mlflow_server: str) -> None:
     job = load_manifest(MANIFEST)
-    spec = json.loads(next(e["value"] for e in job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
-                           if e["name"] == "SELFTRAIN_SPEC"))
+    env = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
+    var = next(e for e in env if e["name"] == "SELFTRAIN_SPEC")
+    spec = json.loads(var["value"])
+    spec["tracking"]["mlflow_uri"] = mlflow_server  # the only change: where the MLflow Service is
+    var["value"] = json.dumps(spec)
     # the PVC contents a cluster would hold: a (small) PartWorld under the paths the manifest names
     data, ckpt = tmp_path / "pvc-data", tmp_path / "pvc-checkpoints"
     cfg = partworld.PartWorldConfig(image_size=64, num_classes=3, num_part_types=8, train_images=16, eval_images=8)
@@ -38,3 +42,10 @@ def test_local_executor_runs_the_first_stage_manifest_unchanged(tmp_path: Path) 
     assert "eval/mask_AP" in result["metrics"]
     model = load_segmenter(workdir / "model.pt")
     assert isinstance(model(torch.zeros(1, 3, 64, 64)), dict)
+    # the job registered its model itself, under the stage's run of pipeline run "demo"
+    marker = json.loads((workdir / "stage.json").read_text())
+    assert marker["status"] == "succeeded" and marker["model_version"]
+    from mlflow import MlflowClient
+
+    mv = MlflowClient(mlflow_server).get_model_version(spec["outputs"]["model"], marker["model_version"])
+    assert mv.tags["selftrain.run"] == "demo" and mv.tags["selftrain.stage"] == spec["name"]
