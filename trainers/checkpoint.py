@@ -9,28 +9,16 @@ so a checkpoint that was half written when the job died is never picked up.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from contract.io import write_atomic
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
-
-
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write a small text file atomically: temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def step_tag(step: int) -> str:
