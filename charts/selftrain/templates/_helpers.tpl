@@ -55,8 +55,13 @@ app.kubernetes.io/part-of: selftrain
 {{- end -}}
 {{- end -}}
 
+{{/* The selftrain image; the placeholder repository (there is no public image) fails with what to do. */}}
 {{- define "selftrain.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- $repo := .Values.image.repository -}}
+{{- if or (not $repo) (hasPrefix "registry.invalid/" $repo) -}}
+{{- fail "image.repository is the placeholder registry.invalid/selftrain: there is no public selftrain image. Build it from the repository's Dockerfile, push it to a registry your nodes can pull from (docs/production.md, \"Image\"), and install with --set image.repository=<registry>/selftrain --set image.tag=<tag>" -}}
+{{- end -}}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
 {{- define "selftrain.dataClaim" -}}
@@ -116,15 +121,32 @@ trainer placement, gang scheduling).
     "checkpoints_mount" "/checkpoints"
     "node_selector" .Values.trainers.nodeSelector
     "tolerations" .Values.trainers.tolerations
+    "labels" (dict "selftrain.io/release" .Release.Name)
 -}}
 {{- with .Values.trainers.shmSize }}{{ $_ := set $k8s "shm_size" . }}{{ end -}}
+{{- with .Values.trainers.env }}{{ $_ := set $k8s "env" . }}{{ end -}}
+{{- /* keys below need the KubernetesConfig fields of docs/production.md; written only when set */ -}}
+{{- with .Values.trainers.affinity }}{{ $_ := set $k8s "affinity" . }}{{ end -}}
+{{- with .Values.trainers.priorityClassName }}{{ $_ := set $k8s "priority_class_name" . }}{{ end -}}
+{{- with .Values.trainers.extraResources }}{{ $_ := set $k8s "extra_resources" . }}{{ end -}}
+{{- with .Values.trainers.byStageKind -}}
+{{- $byKind := dict -}}
+{{- range $kind, $pl := . -}}
+{{- $one := dict -}}
+{{- if hasKey $pl "nodeSelector" }}{{ $_ := set $one "node_selector" $pl.nodeSelector }}{{ end -}}
+{{- if hasKey $pl "tolerations" }}{{ $_ := set $one "tolerations" $pl.tolerations }}{{ end -}}
+{{- if hasKey $pl "affinity" }}{{ $_ := set $one "affinity" $pl.affinity }}{{ end -}}
+{{- $_ := set $byKind $kind $one -}}
+{{- end -}}
+{{- $_ := set $k8s "placement_by_kind" $byKind -}}
+{{- end -}}
 {{- if eq .Values.scheduling.gang "volcano" -}}
 {{- $sp := dict "queue" .Values.scheduling.volcano.queue -}}
 {{- with .Values.scheduling.volcano.priorityClass }}{{ $_ := set $sp "priorityClass" . }}{{ end -}}
 {{- with .Values.scheduling.volcano.minAvailable }}{{ $_ := set $sp "minAvailable" . }}{{ end -}}
 {{- $_ := set $k8s "scheduling_policy" $sp -}}
 {{- else if eq .Values.scheduling.gang "kueue" -}}
-{{- $_ := set $k8s "labels" (dict "kueue.x-k8s.io/queue-name" .Values.scheduling.kueue.queueName) -}}
+{{- $_ := set $k8s.labels "kueue.x-k8s.io/queue-name" .Values.scheduling.kueue.queueName -}}
 {{- end -}}
 {{- $exec := default dict $p.executor -}}
 {{- $_ := set $exec "kind" "kubernetes" -}}
@@ -137,4 +159,35 @@ trainer placement, gang scheduling).
 {{- $_ := set $tr "uri" (include "selftrain.trackingUri" .) -}}
 {{- $_ := set $p "tracking" $tr -}}
 {{- toYaml $p -}}
+{{- end -}}
+
+{{/*
+Name of the driver Job: a hash of everything its pod runs with (the pipeline config, the run name, the
+image, the driver and pod settings, the chart version). `helm upgrade` with the same config keeps the Job
+(no new run of the driver); a changed config gives a new Job, which resumes the run (finished stages are skipped).
+*/}}
+{{- define "selftrain.driverJobName" -}}
+{{- $in := list (include "selftrain.pipelineConfig" .) (include "selftrain.run" .) .Chart.Version .Values.driver .Values.image .Values.imagePullSecrets .Values.podSecurityContext .Values.securityContext .Values.nodeSelector .Values.tolerations .Values.affinity .Values.priorityClassName -}}
+{{- printf "%s-driver-%s" (include "selftrain.fullname" . | trunc 45 | trimSuffix "-") (toJson $in | sha256sum | trunc 10) -}}
+{{- end -}}
+
+{{/* affinity and priorityClassName of the chart's own pods (driver, MLflow, hooks), at pod spec indent. */}}
+{{- define "selftrain.podPlacement" -}}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The verbs the kubernetes executor uses (pipelines/executors/kubernetes.py): the driver's Role grants
+exactly these, and `helm test` checks each one with a SelfSubjectAccessReview. Lines: group resource verb...
+*/}}
+{{- define "selftrain.driverRules" -}}
+kubeflow.org pytorchjobs create get delete
+- pods list delete
+- pods/log get
 {{- end -}}
