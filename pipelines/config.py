@@ -41,8 +41,7 @@ STAGE_KEY = "selftrain_stage"  # json_schema_extra key: the trainer whose params
 
 def stage_params(stage: str, description: str) -> Any:
     """A pipeline-section field holding overrides of trainer ``stage``'s params, validated against its params model at load time."""
-    if stage not in registry.PENDING:
-        registry.get(stage)  # a typo in the pipeline's own code fails at import
+    registry.get(stage)  # a typo in the pipeline's own code fails at import
     return Field(default_factory=dict, description=f"{description} Keys: `python -m trainers {stage} --help`.",
                  json_schema_extra={STAGE_KEY: stage})
 
@@ -174,7 +173,7 @@ class StageConfig(_Strict):
     @field_validator("stage")
     @classmethod
     def _known_trainer(cls, v: str) -> str:
-        if v not in registry.PENDING and v not in registry.STAGES:
+        if v not in registry.STAGES:
             raise ValueError(str(registry.UnknownStage(v)))
         return v
 
@@ -279,9 +278,6 @@ class PipelineConfig(_Strict):
             promotion=promotion,
         )
 
-    def promotion_for(self, model: str) -> "PromotionPolicy":  # TODO(integration): the runner reads spec.promotion instead
-        return self.promotion
-
     def promotion_rule(self, metric: str, candidate: str = "candidate") -> Promotion:
         """The config's promotion policy (direction, min_delta) applied to ``metric`` of input ``candidate``."""
         return Promotion(candidate=candidate, metric=metric, direction=self.promotion.direction, min_delta=self.promotion.min_delta)
@@ -355,16 +351,12 @@ def check_stage_params(cfg: PipelineConfig, source: str) -> None:
     """
     problems: list[str] = []
     for path, stage, params in _declared_stage_params(cfg):
-        if stage in registry.PENDING:
-            continue
         try:
             registry.get(stage).parse(params, source=path)
         except registry.ParamsError as e:
             problems += str(e).splitlines()
     if not problems:  # the built stages: what the pipeline adds to the user's params must validate too
         for spec in cfg.stage_specs("config-check"):
-            if spec.stage in registry.PENDING:
-                continue
             try:
                 d = registry.get(spec.stage)
                 d.parse(spec.params, source=f"stage {spec.name} ({spec.stage}) params")

@@ -116,20 +116,10 @@ def params_of(spec: Any) -> Params:
 
 _MODULES = ("fit_objects", "instance_teacher", "mine_parts", "train_proposals", "evaluate_proposals", "pseudo_label",
             "rank_parts", "train_ranker", "rank_pseudo_label", "evaluate_parts", "cluster_pixels")
-#: TODO(integration, remove): definitions not written yet while the stage programs move over; skipped by config checks.
-PENDING: set[str] = set()
 
 
 def _load() -> dict[str, StageDefinition]:
-    out = {}
-    for m in _MODULES:
-        try:
-            d = importlib.import_module(f"contract.stages.{m}").DEFINITION
-        except ModuleNotFoundError:
-            PENDING.add(m.replace("_", "-"))
-            continue
-        out[d.name] = d
-    return out
+    return {d.name: d for d in (importlib.import_module(f"contract.stages.{m}").DEFINITION for m in _MODULES)}
 
 
 #: Trainer name -> definition. One line per stage (in _MODULES).
