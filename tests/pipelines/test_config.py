@@ -62,7 +62,7 @@ def test_stage_resources_override_the_defaults(tmp_path):
     cfg = load_config(write(tmp_path, (
         "resources: {nproc_per_node: 2}\n"
         "deepspeed: {zero_stage: 1}\n"
-        "stages:\n  - {stage: fit-objects, resources: {replicas: 2, deepspeed: {zero_optimization: {stage: 3}}}}\n"
+        "stages:\n  - {stage: fit-objects, datasets: {train: pw}, resources: {replicas: 2, deepspeed: {zero_optimization: {stage: 3}}}}\n"
     )))
     spec = cfg.stage_specs("r")[0]
     assert (spec.resources.replicas, spec.resources.nproc_per_node) == (2, 2)
@@ -83,7 +83,7 @@ class _ToyConfig(PipelineConfig):
     toy: _ToySection = Field(default_factory=_ToySection, description="The toy pipeline's section.")
 
     def stage_specs(self, run):
-        return [self.new_stage_spec(run, "fit-objects", f"r{r}-fit") for r in range(1, self.toy.rounds + 1)]
+        return [self.new_stage_spec(run, "fit-objects", f"r{r}-fit", datasets={"train": "pw"}) for r in range(1, self.toy.rounds + 1)]
 
 
 def test_a_pipeline_contributes_its_own_typed_section(tmp_path, monkeypatch):
