@@ -10,7 +10,6 @@ every mask decoded to a bool array. Prints a markdown table; writes every run to
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

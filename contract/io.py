@@ -5,28 +5,53 @@ then ``os.replace`` renames it over the target (atomic on POSIX).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` (text or bytes) to ``path`` atomically: temp file, fsync, then rename."""
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temp file beside ``path`` for writing; on a clean exit fsync it and rename it over ``path``.
+
+    On an exception the temp file is removed and ``path`` is untouched. Temp names are
+    ``.<name>.tmp-<32 hex>``, so a cleaner can recognise strays left by a killed process.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+        with open(tmp, mode.replace("w", "x")) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text or bytes) to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def write_json(path: str | Path, data: Any, indent: int | None = 2) -> Path:

@@ -106,12 +106,9 @@ class StageSpec(_Strict):
 
     def write(self, path: str | Path) -> Path:
         """Write atomically (temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
-        return path
+        from contract.io import write_atomic
+
+        return write_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "StageSpec":

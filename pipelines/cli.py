@@ -1,7 +1,6 @@
 """The ``selftrain`` command. Thin: parse, call one library function, print."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from contract.io import atomic_open
 from pipelines.partdistillation import graph
 from pipelines.partdistillation.config import PartDistillationConfig
 
@@ -100,11 +101,9 @@ def plot_rounds(outcomes: list[Any], cfg: PartDistillationConfig, out_png: Path)
     else:
         axes[1].axis("off")
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(out_png)
     return out_png
 
 

@@ -21,8 +21,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from contract.io import write_atomic
 from trainers.data.shards import (
-    BadSample, DataError, DatasetIndex, _atomic_write_bytes, _image_format, encode_png, iter_samples, write_dataset,
+    BadSample, DataError, DatasetIndex, _image_format, encode_png, iter_samples, write_dataset,
 )
 from trainers.structures import mask_area, mask_bbox
 
@@ -562,7 +563,7 @@ def export_coco(dataset_dir: str | os.PathLike, out_json: str | os.PathLike, *, 
             "licenses": [], "images": images, "annotations": annotations, "categories": cats}
     out = Path(out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out, json.dumps(coco, separators=(",", ":")).encode())
+    write_atomic(out, json.dumps(coco, separators=(",", ":")).encode())
     return coco
 
 

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from contract.io import write_atomic
+
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 IMAGE_EXTS = ("png", "jpg")
@@ -106,7 +108,7 @@ class DatasetIndex:
 
     def save(self, dataset_dir: str | os.PathLike) -> None:
         """Write ``index.json`` atomically (temp file, fsync, rename)."""
-        _atomic_write_bytes(Path(dataset_dir) / INDEX_FILE, self.to_json().encode())
+        write_atomic(Path(dataset_dir) / INDEX_FILE, self.to_json().encode())
 
 
 # ----------------------------------------------------------------------------- writing
@@ -363,27 +365,6 @@ class _ShardWriter:
                 self.file.close()
         finally:
             self.tmp_path.unlink(missing_ok=True)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _collect_garbage(out: Path, live: set[str]) -> None:

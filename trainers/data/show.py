@@ -8,8 +8,6 @@ from __future__ import annotations
 import colorsys
 import itertools
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -17,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import binary_erosion
 
+from contract.io import atomic_open
 from trainers.structures import decode_mask
 
 PAD = 4  # pixels around and between tiles
@@ -126,13 +125,6 @@ def contact_sheet(samples: Iterable[tuple[str, object, dict]], out_png: str | Pa
                 _label(draw, font, (px + (bx + bw / 2) * scale - 5, y + (by + bh / 2) * scale - 5), text, _colour(cid))
 
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sheet.save(f, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out, "wb") as f:
+        sheet.save(f, format="PNG")
     return out

@@ -25,8 +25,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -35,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import binary_erosion
 
+from contract.io import write_atomic
 from trainers.data import shards
 from trainers.structures import decode_mask
 
@@ -162,20 +161,6 @@ def purity_grid(tiles: list[Image.Image], title: str, subtitle: str) -> Image.Im
     return sheet
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Temp file in the same directory, then rename: readers see the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -225,11 +210,11 @@ def make_purity_grids(labels_dataset_dir: str | Path, out_dir: str | Path, max_c
         title = f"{names.get(c.object_class, 'class')} (class {c.object_class}) - part cluster {c.cluster}"
         subtitle = (f"{c.instances} instances" if len(drawn) == TILES else
                     f"only {len(drawn)} of {TILES} tiles: the cluster has {c.instances} instance(s)")
-        _write_atomic(out / c.grid_name, _png_bytes(purity_grid(drawn, title, subtitle)))
+        write_atomic(out / c.grid_name, _png_bytes(purity_grid(drawn, title, subtitle)))
     template = "".join(f"{c.object_class},{c.cluster},\n" for c in chosen)
-    _write_atomic(out / TEMPLATE_FILE, (",".join(RATINGS_HEADER) + "\n" + template).encode())
+    write_atomic(out / TEMPLATE_FILE, (",".join(RATINGS_HEADER) + "\n" + template).encode())
     page = _index_html(chosen, names, labels_dataset_dir, unusable)
-    return _write_atomic(out / INDEX_FILE, page.encode())
+    return write_atomic(out / INDEX_FILE, page.encode())
 
 
 def _index_html(chosen: list[PartCluster], names: dict[int, str], source, unusable: int) -> str:
@@ -341,5 +326,5 @@ def plot_precision_curve(curves: dict[str, Iterable[Rating | int]], out_png: str
         fig.savefig(buf, format="png")
     finally:
         plt.close(fig)
-    _write_atomic(Path(out_png), buf.getvalue())
+    write_atomic(Path(out_png), buf.getvalue())
     return numbers

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contract.io import read_json
+from contract.io import atomic_open, read_json
 from trainers.comm import Dist, Stats
 from trainers.data import shards
 from trainers.data.batches import images_to_tensor, iter_batches, with_proposals
@@ -65,10 +65,8 @@ def collect_candidates(images_path: str, parts, teacher, p, d: Dist, spill_dir: 
     ``teacher`` None: the records' objects; else its detections (``p.object_score_threshold``, ``p.max_detections``).
     """
     categories = shards.DatasetIndex.load(images_path).categories
-    tmp = jsonl.with_name(f".{jsonl.name}.tmp")
-    jsonl.parent.mkdir(parents=True, exist_ok=True)
     seq = 0
-    with FeatureSpill(spill_dir, writer=str(d.rank)) as spill, open(tmp, "w") as fh:
+    with FeatureSpill(spill_dir, writer=str(d.rank)) as spill, atomic_open(jsonl, "w") as fh:
         for keys, blobs, records in iter_batches(images_path, p.batch_size, rank=d.rank, world_size=d.world_size,
                                                  decode=False):
             images = images_to_tensor([shards.decode_image(b, key=k) for k, b in zip(keys, blobs)]).to(d.device)
@@ -80,8 +78,6 @@ def collect_candidates(images_path: str, parts, teacher, p, d: Dist, spill_dir: 
                                         p.object_score_threshold, categories, d.device)
                 proposals, seq = _image_candidates(record, preds[b], objects, p, d.rank, seq, spill, stats)
                 fh.write(json.dumps({"key": key, "proposals": proposals}, separators=(",", ":")) + "\n")
-        fh.flush()
-    tmp.replace(jsonl)
 
 
 def _image_candidates(record: dict, pred, objects, p, rank: int, seq: int, spill: FeatureSpill,

@@ -19,13 +19,13 @@ Result ``<out>/class-<id>.npz``: ``centroids [k_c, D]`` (unit norm, largest clus
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from contract.io import atomic_open
 
 from trainers.parts.kmeans import ZERO_NORM, faiss_kmeans, relabel_by_size
 
@@ -33,19 +33,9 @@ BLOCK_BYTES = 8 << 20  # a class's candidates are scanned and assigned in blocks
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` through a temp file in the same directory, then rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``write(file)`` into ``path`` atomically: readers see all or nothing."""
+    with atomic_open(path, "wb") as f:
+        write(f)
 
 
 class FeatureSpill:

@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
-from runtime_helpers import free_port, run_stage
+from runtime_helpers import run_stage
 from stage_helpers import result, stage_spec, tiny_segmenter_file, write_world64
 from trainers.data import shards
 from trainers.models.io import load_segmenter, read_segmenter_file, save_segmenter

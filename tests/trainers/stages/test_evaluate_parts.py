@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
-from runtime_helpers import free_port, run_stage
+from runtime_helpers import run_stage
 from stage_helpers import TINY_MODEL, WORLD64, mlflow_run, result, stage_spec, tiny_segmenter_file, write_world64
 from trainers.data import shards
 from trainers.data.partworld import category_table, generate

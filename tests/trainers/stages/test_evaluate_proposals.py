@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import pytest
-import torch.distributed as dist
 from mlflow.utils.validation import _validate_metric_name
 
-from runtime_helpers import free_port, run_stage
+from runtime_helpers import run_stage
 from stage_helpers import result, stage_spec, tiny_segmenter_file, write_proposals_dataset, write_world64
 from trainers.data import shards
 from trainers.evaluation import PartProposalRecall, coco_proposal_ar, strip_baseline

@@ -1,12 +1,10 @@
 """Stage ``pseudo-label``: the part model's predictions, filtered and clipped to instances, as the next round's proposals."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +14,7 @@ from trainers.parts.filters import PseudoLabelStats, filter_parts
 from trainers.structures import decode_mask
 
 from runtime_helpers import REPO, run_stage
-from stage_helpers import WORLD64, result, stage_spec, tiny_segmenter_file, write_world64
+from stage_helpers import result, stage_spec, tiny_segmenter_file, write_world64
 
 
 def _box(x0, y0, x1, y1, size=16):

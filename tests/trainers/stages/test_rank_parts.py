@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
-from runtime_helpers import free_port, run_stage
+from runtime_helpers import run_stage
 from stage_helpers import result, stage_spec, tiny_segmenter_file, write_world64
 from trainers.data import shards
 from trainers.parts.class_clusters import spill_counts
