@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from contract.io import free_port  # noqa: F401  (re-exported for the tests)
 from contract.spec import StageSpec
 from trainers.data.partworld import PartWorldConfig, category_table, generate, part_category_table
 from trainers.data.shards import write_dataset
@@ -36,15 +36,9 @@ def make_spec(workdir: Path, data: dict[str, Path], *, params: dict | None = Non
     })
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun_cmd(spec: StageSpec, nproc: int = 2) -> tuple[list[str], dict]:
     """The command the training operator's pod runs, with the spec in SELFTRAIN_SPEC."""
-    env = {**os.environ, "SELFTRAIN_SPEC": spec.to_json(), "SELFTRAIN_PROGRESS": "0", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "SELFTRAIN_SPEC": spec.to_json(), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
            f"--master-port={free_port()}", "-m", "trainers", spec.stage, "--spec", "env:SELFTRAIN_SPEC"]

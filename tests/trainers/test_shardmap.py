@@ -26,7 +26,7 @@ class Counted(Stats):
 @pytest.fixture
 def one_rank(monkeypatch):
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port()), "SELFTRAIN_PROGRESS": "0"}.items():
+                       "MASTER_PORT": str(free_port()), "TQDM_DISABLE": "1"}.items():
         monkeypatch.setenv(key, value)
     yield
     if dist.is_initialized():

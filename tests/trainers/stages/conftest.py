@@ -18,7 +18,7 @@ def _light_torch():
 def one_rank(monkeypatch):
     """The stage in this process as a world of one (gloo), torn down afterwards."""
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port()), "SELFTRAIN_PROGRESS": "0"}.items():
+                       "MASTER_PORT": str(free_port()), "TQDM_DISABLE": "1"}.items():
         monkeypatch.setenv(key, value)
     yield
     if dist.is_initialized():

@@ -87,7 +87,7 @@ def test_import_from_a_segmenter_file_skips_training(tmp_path, tiny_partworld):
                       params={"import_from": str(source)}, nproc=1)
     path = spec.write(tmp_path / "spec.yaml")
     proc = subprocess.run([sys.executable, "-m", "trainers", "instance-teacher", "--spec", str(path)], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "SELFTRAIN_PROGRESS": "0",
+                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1",
                                                               "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-4000:]
 

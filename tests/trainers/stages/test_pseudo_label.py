@@ -119,7 +119,7 @@ def test_images_without_detections_are_counted_not_an_error(tmp_path):
     path = spec.write(tmp_path / "spec.yaml")
     proc = subprocess.run([sys.executable, "-m", "trainers", "pseudo-label", "--spec", str(path)], cwd=REPO,
                           capture_output=True, text=True,
-                          env={**os.environ, "SELFTRAIN_PROGRESS": "0", "CUDA_VISIBLE_DEVICES": ""})
+                          env={**os.environ, "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = result(tmp_path / "work")["metrics"]
     assert metrics["pseudo_label/images_without_objects"] == 6 == metrics["pseudo_label/images_without_proposals"]

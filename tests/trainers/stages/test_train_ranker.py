@@ -32,7 +32,7 @@ def ranked(tmp_path_factory):
     train = write_world64(root / "train", "train", 16, shard_size=4)
     parts = tiny_segmenter_file(root / "parts.pt", num_classes=1, seed=1)
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "SELFTRAIN_PROGRESS": "0"}
+           "MASTER_PORT": str(free_port()), "TQDM_DISABLE": "1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
