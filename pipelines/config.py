@@ -123,6 +123,7 @@ class ExecutorConfig(_Strict):
     kind: Literal["local", "kubernetes", "render"] = Field(default="local", description="local: processes on this machine; kubernetes: create PyTorchJobs; render: only write YAML.")
     manifests: str = Field(default="manifests", description="Folder the render executor writes numbered PyTorchJob YAML files into (relative: to the config file).")
     grace_seconds: float = Field(default=10.0, gt=0, description="Local executor: seconds between SIGTERM and SIGKILL when a group is stopped.")
+    max_parallel: int | None = Field(default=None, ge=1, description="Stages run side by side when the graph allows (`selftrain run --max-parallel`); default: what the machine holds (local: cores / processes per stage; kubernetes: 8).")
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig, description="PyTorchJob settings.")
 
 

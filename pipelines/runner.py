@@ -104,7 +104,7 @@ def default_max_parallel(cfg: PipelineConfig, specs: list[StageSpec]) -> int:
     divided by the most processes any stage starts; at least 1. Kubernetes: 8 (the cluster's
     scheduler and queue decide the rest).
     """
-    configured = getattr(cfg.executor, "max_parallel", None)
+    configured = cfg.executor.max_parallel
     if configured:
         return int(configured)
     if cfg.executor.kind == "kubernetes":
