@@ -37,7 +37,7 @@ def test_a_deliberately_conflicting_pin_fails_to_resolve(tmp_path):
     bad.write_text(CONSTRAINTS.read_text().replace(constraint("nvidia-cuda-runtime", CONSTRAINTS), "nvidia-cuda-runtime==13.0.48"))
     proc, report = resolve(requirements(dockerfile_arg("FAISS")), bad, python, glibc, tmp_path)
     assert proc.returncode != 0 and report is None
-    assert "ResolutionImpossible" in proc.stderr and "nvidia-cuda-runtime" in proc.stderr, proc.stderr[-3000:]
+    assert "ResolutionImpossible" in proc.stderr and "conflicting dependencies" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_the_old_faiss_pin_is_rejected_as_the_review_found(tmp_path):
