@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from control_helpers import make_config
-from stage_helpers import StandInExecutor
+from stage_job_helpers import StandInExecutor
 from pipelines.lineage import Lineage, resolve_model
 from pipelines.runner import PipelineError, run_pipeline, run_stages
 

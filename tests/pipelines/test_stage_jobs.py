@@ -20,7 +20,7 @@ from pipelines import render
 from pipelines.executors.local import LocalExecutor
 from pipelines.lineage import Lineage
 from pipelines.runner import PipelineError, run_stages
-from stage_helpers import StandInExecutor, with_stand_in
+from stage_job_helpers import StandInExecutor, with_stand_in
 
 pytestmark = pytest.mark.slow
 

@@ -23,8 +23,9 @@ MISSPELT = {  # a likely typo of a real key per stage
 
 
 def test_every_stage_has_a_misspelling_case():
-    assert set(MISSPELT) == set(STAGES)
-    assert {d.kind for d in STAGES.values()} == {"train", "evaluate", "label"}
+    project = {name: d for name, d in STAGES.items() if d.entry.startswith("trainers.")}  # not the control-plane tests' stand-ins
+    assert set(MISSPELT) == set(project)
+    assert {d.kind for d in project.values()} == {"train", "evaluate", "label"}
 
 
 @pytest.mark.parametrize("stage", sorted(MISSPELT))
