@@ -2,7 +2,7 @@
 
 (a) Throughput of ``trainers.parts.mining.mine_batch`` (teacher forward + multi-scale features + batched k-means +
     full-resolution assignment + RLE): images/s, instances/s, and the share of the time spent outside the model's
-    forward pass (DESIGN.md "Scale": it must stay small).
+    forward pass (docs/architecture.md "Scale": it must stay small).
 (b) The clustering alone, on the very k-means problems (a): one ``batched_kmeans`` call per image batch (as the
     stage does) vs one scikit-learn ``KMeans`` per instance (k-means++, n_init=1, same iterations, on the
     L2-normalised features = spherical k-means up to the centroid re-normalisation); ratio of the times.

@@ -70,7 +70,7 @@ class Tracking(_Strict):
 
 
 class Promotion(_Strict):
-    """The promotion rule an evaluating stage applies to the model it evaluated (DESIGN.md "Tracking and promotion").
+    """The promotion rule an evaluating stage applies to the model it evaluated (docs/architecture.md "Tracking and promotion").
 
     The candidate is the registered version named by ``inputs.models[candidate]``; it takes each alias
     from its holder when it beats it on ``metric`` (a key of the stage's result metrics, measured on a
@@ -86,7 +86,7 @@ class Promotion(_Strict):
 
 
 class StageSpec(_Strict):
-    """Everything one stage needs (DESIGN.md "Stage spec")."""
+    """Everything one stage needs (docs/architecture.md "The contract")."""
 
     api_version: Literal["selftrain/v1"] = "selftrain/v1"
     stage: str = Field(description="Trainer name, e.g. mine-parts, train-proposals, pseudo-label.")

@@ -7,7 +7,7 @@ imports torch, which the control plane never does), while a plain artifact sourc
 MLflow 3 as is, keeps the file exactly as the trainer wrote it, and ``models:/<name>@<alias>``
 resolves to it for download (:func:`resolve_model`).
 
-Promotion (DESIGN.md "Tracking and promotion"): a candidate takes an alias (``teacher``,
+Promotion (docs/architecture.md "Tracking and promotion"): a candidate takes an alias (``teacher``,
 ``champion``) only if its evaluation succeeded and it beats the holder on the configured metric by
 more than ``min_delta``; the first candidate with a successful evaluation takes a free alias. Each
 decision is recorded on the candidate version as ``promotion.<alias>.*`` tags.

@@ -64,7 +64,7 @@ def fingerprint(spec: StageSpec, extra: dict[str, Any] | None = None) -> str:
     """Identity of a stage's work: trainer, inputs (DVC hashes / model refs), params, DeepSpeed config, outputs.
 
     Two specs with the same fingerprint produce the same outputs; tracking, image and the
-    number of replicas do not enter it (DESIGN.md: a stage whose outputs exist for the same
+    number of replicas do not enter it (docs/architecture.md "Idempotent and resumable": a stage whose outputs exist for the same
     inputs and params is skipped). ``extra`` adds what pins an input beyond the spec (the
     sha256 of a model file).
     """

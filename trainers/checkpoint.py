@@ -1,4 +1,4 @@
-"""Checkpoint/resume for DeepSpeed engines, published atomically (DESIGN.md "idempotent and resumable").
+"""Checkpoint/resume for DeepSpeed engines, published atomically (docs/architecture.md "Idempotent and resumable").
 
 DeepSpeed's own ``latest`` file is written by rank 0 before the other ranks have finished
 their shards, and not atomically. Here every rank writes its shards with ``save_latest=False``;

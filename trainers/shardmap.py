@@ -1,6 +1,6 @@
 """The map over shards every labelling stage runs (mine-parts, pseudo-label, rank-parts, rank-pseudo-label, cluster-pixels).
 
-One skeleton (DESIGN.md "idempotent and resumable"): parse the params, require ``outputs.dataset``, join the
+One skeleton (docs/architecture.md "Idempotent and resumable"): parse the params, require ``outputs.dataset``, join the
 process group, fingerprint, and on every rank r write its share of ``inputs.datasets.images``
 (``iter_samples(rank=r)``) as a complete dataset part ``<out>/rank-<r>`` (``shards.part_dir``; atomic as every
 ``shards.write_dataset``) -- or skip it when that part is already complete for the same fingerprint. Then the
