@@ -1,4 +1,4 @@
-"""Stage definitions: every trainer declared once, importable without torch (docs/architecture.md "Stage registry").
+"""Stage definitions: every trainer declared once, importable without torch (docs/architecture.md "The stage registry").
 
 A :class:`StageDefinition` names a trainer (``python -m trainers <name>``), says what kind of
 work it does, which inputs it reads and outputs it writes, its typed params model (unknown keys

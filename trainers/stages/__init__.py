@@ -1,4 +1,4 @@
-"""The stage programs: one module per trainer, each holding its program only (docs/architecture.md "Stage registry").
+"""The stage programs: one module per trainer, each holding its program only (docs/architecture.md "The stage registry").
 
 Which module runs for ``python -m trainers <stage>`` is declared by the stage's definition in
 ``contract.stages`` (``entry``: ``module:function``); the function takes the
