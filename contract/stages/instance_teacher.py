@@ -1,7 +1,7 @@
 """``instance-teacher``: the object instance segmentation model E + D^o (PartDistillation sec. 4.1)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -36,6 +36,18 @@ class InstanceTeacherParams(TrainParams):
         description="A segmenter file to use instead of training: local path, models:/<name>@<alias> or http(s) URL "
                     "(also accepted as the model input import_from).")
 
+    class_agnostic: bool = Field(
+        default=False,
+        description="alpha(.) of CaSP eq. 1: every object class maps to one class-free 'object' (decoder.num_classes 1).")
+    targets: Literal["objects", "pseudo_labels"] = Field(
+        default="objects",
+        description="objects: the records' ground truth; pseudo_labels: the records' proposals of a detect-pseudo-label "
+                    "dataset, and a record with ground-truth objects is an error (CaSP late pretraining, eq. 4).")
+    head_init: Literal["random", "agnostic"] = Field(
+        default="random",
+        description="With model input init whose class count differs: the class head keeps its random init, or every "
+                    "class channel starts from the init model's class-agnostic channel (CaSP sec. 3.2).")
+
     _merge_model = field_validator("model", mode="before")(lambda cls, v: merged_over(MODEL)(v))
 
 
@@ -47,7 +59,8 @@ DEFINITION = StageDefinition(
     entry="trainers.stages.instance_teacher:run",
     datasets={"train": "Shards with object labels to train on (not read when the teacher is imported).",
               "eval": "Shards whose objects the teacher is evaluated on (COCOeval segm)."},
-    models={"import_from": "A segmenter file to import instead of training (as params.import_from)."},
-    optional=frozenset({"train", "eval", "import_from"}),
+    models={"import_from": "A segmenter file to import instead of training (as params.import_from).",
+            "init": "A segmenter whose weights the training starts from (same architecture; the class head: head_init)."},
+    optional=frozenset({"train", "eval", "import_from", "init"}),
     output_model=True,
 )

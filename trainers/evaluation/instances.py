@@ -91,14 +91,45 @@ def _pycoco(rle: dict) -> dict:
     return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
-def evaluate_instances(model, path: str, d: Dist, labels: dict[int, int], categories: list[dict],
-                       batch_size: int = 16, desc: str | None = None) -> dict[str, float]:
-    """Inference on every rank's share of ``path``, gathered to rank 0, COCOeval there ({} elsewhere)."""
-    images, results = predict_objects(model, path, d, labels, batch_size, desc=desc)
+def gather_predictions(images: list[dict], results: list[dict], d: Dist) -> tuple[list[dict], list[dict]]:
+    """Every rank's (images, results) concatenated on rank 0 (in rank order); other ranks get theirs back."""
     if dist.is_initialized() and d.world_size > 1:
         gathered = [None] * d.world_size
         dist.gather_object((images, results), gathered if d.is_main else None, dst=0)
         if d.is_main:
             images = [im for g in gathered for im in g[0]]
             results = [r for g in gathered for r in g[1]]
+    return images, results
+
+
+def evaluate_instances(model, path: str, d: Dist, labels: dict[int, int], categories: list[dict],
+                       batch_size: int = 16, desc: str | None = None) -> dict[str, float]:
+    """Inference on every rank's share of ``path``, gathered to rank 0, COCOeval there ({} elsewhere)."""
+    images, results = predict_objects(model, path, d, labels, batch_size, desc=desc)
+    images, results = gather_predictions(images, results, d)
     return coco_mask_ap(images, results, categories) if d.is_main else {}
+
+
+AGNOSTIC = {"id": 1, "name": "object"}
+
+
+def one_category_mask_ap(images: list[dict], results: list[dict]) -> dict[str, float]:
+    """Class-agnostic mask AP as CaSP reports it (AP^seg-a): COCOeval (segm, useCats=1) after mapping every
+    ground-truth object and every prediction to one category ``object``. Keys ``eval/mask_AP_agnostic``,
+    ``..._AP50_agnostic``, ``..._AP75_agnostic``, ``..._AR100_agnostic``."""
+    one = [{**im, "objects": [{**o, "category_id": AGNOSTIC["id"]} for o in im["objects"]]} for im in images]
+    res = [{**r, "category_id": AGNOSTIC["id"]} for r in results]
+    m = coco_mask_ap(one, res, [AGNOSTIC])
+    return {f"eval/{n}_agnostic": m[f"eval/{n}"] for n in ("mask_AP", "mask_AP50", "mask_AP75", "mask_AR100")}
+
+
+def coco_results(images: list[dict], results: list[dict], categories: list[dict]) -> tuple[dict, list[dict]]:
+    """COCO files of predictions: (the image list with categories, the results list of ``loadRes``), image ids
+    1..N in ``images`` order, each image carrying its dataset key as ``file_name``."""
+    ids = {im["key"]: i + 1 for i, im in enumerate(images)}
+    doc = {"images": [{"id": ids[im["key"]], "file_name": im["key"], "height": im["height"], "width": im["width"]}
+                      for im in images],
+           "categories": [{"id": int(c["id"]), "name": c["name"]} for c in categories]}
+    res = [{"image_id": ids[r["key"]], "category_id": int(r["category_id"]), "segmentation": r["segmentation"],
+            "score": round(float(r["score"]), 6)} for r in results]
+    return doc, res

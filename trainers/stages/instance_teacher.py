@@ -20,10 +20,12 @@ from contract.stages import params_of
 from trainers.comm import barrier, init_distributed, on_gpu
 from trainers.data import shards
 from trainers.data.batches import ToTrainSample, category_labels, collate, object_targets
+from trainers.data.pseudo_labels import training_targets
 from trainers.engine import fit
 from trainers.evaluation.instances import evaluate_instances
-from trainers.inputs import StageInputError, dataset_input, fetch_model_file, log_metrics
-from trainers.models.io import load_segmenter, save_segmenter
+from trainers.inputs import StageInputError, dataset_input, fetch_model_file, log_metrics, model_input_path
+from trainers.models.init import init_from
+from trainers.models.io import load_segmenter, read_segmenter_file, save_segmenter
 from trainers.models.losses import set_loss
 from trainers.models.presets import teacher_config
 from trainers.models.segmenter import Segmenter
@@ -55,9 +57,13 @@ def run(spec: StageSpec) -> StageResult | None:
         model = model.to(d.device)
     else:
         labels = category_labels(dataset_input(spec, "train"))
-        cfg = teacher_config(p.model, len(labels))
-        targets = functools.partial(object_targets, labels=labels)
-        result = fit(spec, p, build_model=lambda: Segmenter(cfg), loss_fn=set_loss,
+        cfg = teacher_config(p.model, 1 if p.class_agnostic else len(labels))
+        if p.targets == "objects" and not p.class_agnostic:
+            targets = functools.partial(object_targets, labels=labels)
+        else:  # CaSP: alpha(.) and/or pseudo-labels (never ground truth)
+            targets = training_targets(p.targets, labels, p.class_agnostic)
+        build = functools.partial(_initialised, cfg, spec, p) if "init" in spec.inputs.models else lambda: Segmenter(cfg)
+        result = fit(spec, p, build_model=build, loss_fn=set_loss,
                      transform=ToTrainSample(targets, p.flip_prob), collate=collate)
         d, steps, state_dict = result.dist, result.steps, result.state_dict
         train_metrics = {f"train/{k}": v for k, v in result.metrics.items() if k.startswith("loss")}
@@ -69,7 +75,8 @@ def run(spec: StageSpec) -> StageResult | None:
         model = model.to(d.device).eval()
 
     if d.is_main:  # the segmenter file replaces the engine's plain state_dict export
-        save_segmenter(model_path, cfg, state_dict, stage="instance-teacher", steps=steps)
+        casp = {"class_agnostic": True} if p.class_agnostic else {}
+        save_segmenter(model_path, cfg, state_dict, stage="instance-teacher", steps=steps, **casp)
     metrics = dict(train_metrics)
     metrics["time/train_s"] = time.perf_counter() - t_start
     if "eval" in spec.inputs.datasets:
@@ -78,6 +85,21 @@ def run(spec: StageSpec) -> StageResult | None:
     if not d.is_main:
         return None
     return StageResult(metrics=metrics, model_path=str(model_path), steps=steps)
+
+
+def _initialised(cfg, spec: StageSpec, p) -> Segmenter:
+    """A Segmenter of ``cfg`` starting from the weights of model input ``init`` (class head: ``p.head_init``)."""
+    model = Segmenter(cfg)
+    try:
+        source = read_segmenter_file(model_input_path(spec, "init"))["state_dict"]
+        counts = init_from(model, source, p.head_init)
+    except StageInputError:
+        raise
+    except (FileNotFoundError, ValueError) as e:
+        raise StageInputError(f"inputs.models.init: {e}") from e
+    log.info("initialised from inputs.models.init: %d weights copied, class head %s", counts["copied"],
+             "from the class-agnostic channel" if counts["head_from_agnostic"] else "copied or random")
+    return model
 
 
 def _evaluate(spec: StageSpec, p, model, cfg, d, steps: int) -> dict[str, float]:

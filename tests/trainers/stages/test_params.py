@@ -19,6 +19,8 @@ MISSPELT = {  # a likely typo of a real key per stage
     "rank-parts": ("nitre", "niter"),
     "rank-pseudo-label": ("min_part_aera", "min_part_area"),
     "cluster-pixels": ("pixels_per_instanse", "pixels_per_instance"),
+    "detect-pseudo-label": ("detla", "delta"),
+    "evaluate-instances": ("score_treshold", "score_threshold"),
 }
 
 

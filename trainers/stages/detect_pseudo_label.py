@@ -1,0 +1,65 @@
+"""Stage ``detect-pseudo-label``: the pseudo-label set D^p of CaSP (sec. 3.1, eq. 2-3).
+
+The labeling detector ``inputs.models.detector`` predicts instances on ``inputs.datasets.images`` (after the
+augmentation ``params.augment``); predictions with score > delta become the image's ``proposals``
+(``trainers.data.pseudo_labels``), class-agnostic under alpha(.) or with their class; an image left without one is
+dropped and counted (eq. 3); ground-truth objects of the input are never copied. A map over shards
+(``trainers.shardmap``). An empty D^p is an error naming delta and the score distribution.
+Params: ``python -m trainers detect-pseudo-label --help``.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from contract.spec import StageSpec
+from contract.stages import params_of
+from trainers.data import shards
+from trainers.data.batches import images_to_tensor, iter_batches
+from trainers.data.pseudo_labels import EmptyPseudoLabels, PseudoLabelCounts, augment, empty_message, pseudo_labels, with_pseudo_labels
+from trainers.inputs import load_model_input
+from trainers.shardmap import ShardMap
+
+
+def run(spec: StageSpec):
+    """Label this rank's share into ``<out>/rank-<r>``; rank 0 publishes the merged D^p and returns the counts."""
+    p = params_of(spec)
+    sm = ShardMap(spec, p, name="pseudo-labels")
+    d = sm.dist
+    index_to_cat = None if p.class_agnostic else {i: int(c["id"]) for i, c in enumerate(sm.index.categories)}
+
+    def samples(counts: PseudoLabelCounts):
+        detector = load_model_input(spec, "detector", d.device)
+        for keys, blobs, records in iter_batches(sm.images, p.batch_size, rank=d.rank, world_size=d.world_size, decode=False):
+            images = [augment(shards.decode_image(b, key=k), k, p.augment, p.seed) for k, b in zip(keys, blobs)]
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                preds = detector.predict(images_to_tensor(images).to(d.device), top_k=p.max_detections)
+            counts.forward_s += time.perf_counter() - t0
+            for key, blob, image, record, pred in zip(keys, blobs, images, records, preds):
+                counts.images += 1
+                counts.gt_objects_dropped += len(record.get("objects", []))
+                counts.count_scores(pred.scores)
+                labels = pseudo_labels(pred, p.delta, index_to_cat)
+                if not labels:  # eq. 3: D^p holds images with at least one pseudo-label
+                    counts.images_without_labels += 1
+                    continue
+                counts.labels += len(labels)
+                yield key, blob if p.augment == "none" else image, with_pseudo_labels(record, labels)
+
+    counts = PseudoLabelCounts()
+    counts = sm.write_part(lambda: samples(counts), counts)
+
+    def metrics(total: PseudoLabelCounts, wall: float, merged) -> dict[str, float]:
+        if total.labels == 0:  # every rank raises: nothing waits on a collective
+            raise EmptyPseudoLabels(empty_message(p.delta, total))
+        out = total.as_metrics()
+        out["pseudo/images_per_s"] = total.images / max(wall, 1e-9)
+        out["pseudo/share_outside_forward"] = max(0.0, 1.0 - total.forward_s / max(wall * d.world_size, 1e-9))
+        if merged is not None:
+            out["pseudo/bytes_per_sample"] = sum(
+                f.stat().st_size for f in sm.out.rglob("*") if f.is_file()) / max(1, merged.num_samples)
+        return out
+
+    return sm.finish(counts, metrics)
