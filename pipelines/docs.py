@@ -19,6 +19,7 @@ BEGIN, END = "<!-- BEGIN CONFIG REFERENCE -->", "<!-- END CONFIG REFERENCE -->"
 DOCUMENTED = [
     ("PartWorld dataset (`configs/partworld-demo.yaml`, `selftrain data generate -c`)", "trainers.data.partworld:PartWorldConfig"),
     ("Pipeline config (`selftrain run <config>`; PartDistillation)", "pipelines.partdistillation.config:PartDistillationConfig"),
+    ("Pipeline config (`selftrain run <config>`; CaSP: the `casp` section)", "pipelines.casp.config:CaspConfig"),
     ("Stage spec (`python -m trainers <stage> --spec <file>`)", "contract.spec:StageSpec"),
 ]
 

@@ -1,0 +1,97 @@
+"""The CaSP report: a table shaped like the paper's Table 2 (pretraining data -> pretrained and finetuned mask AP on the
+reported split) and a bar plot of the finetuned models."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from contract.io import atomic_open
+from pipelines.casp import graph
+from pipelines.casp.config import CaspConfig
+
+COLUMNS = ("pretrained AP^seg-a", "pretrained AP^seg", "finetuned AP^seg", "finetuned AP^seg-a")
+
+
+def _metrics(by_name: dict[str, Any], stage: str | None) -> dict[str, float]:
+    o = by_name.get(stage) if stage else None
+    return ((o.result or {}).get("metrics") or {}) if o else {}
+
+
+def table(outcomes: list[Any], cfg: CaspConfig) -> list[tuple[str, dict[str, float]]]:
+    """Rows of Table 2 on the eval split: AP (class-agnostic, one category) of the pretrained model; class-specific AP
+    of a class-specific pretrained model (Objects(P,S)); class-specific and class-agnostic AP after finetuning."""
+    by_name = {o.name: o for o in outcomes}
+    nan = float("nan")
+    rows = []
+    for label, pretrain, finetune in graph.table_rows(cfg):
+        pre = _metrics(by_name, graph.eval_stage(pretrain)) if pretrain else {}
+        fin = _metrics(by_name, graph.eval_stage(finetune))
+        class_specific_pretrain = pretrain == graph.SPECIFIC_PRETRAIN or (pretrain == graph.LATE and cfg.casp.alpha == "identity")
+        rows.append((label, {
+            COLUMNS[0]: float(pre.get("eval/mask_AP_agnostic", nan)),
+            COLUMNS[1]: float(pre.get("eval/mask_AP", nan)) if class_specific_pretrain else nan,
+            COLUMNS[2]: float(fin.get("eval/mask_AP", nan)),
+            COLUMNS[3]: float(fin.get("eval/mask_AP_agnostic", nan)),
+        }))
+    return rows
+
+
+def _pct(v: float) -> str:
+    return "-" if v != v else f"{100 * v:.1f}"
+
+
+def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
+    lines = ["| pretraining data | " + " | ".join(COLUMNS) + " |", "| --- |" + " ---: |" * len(COLUMNS)]
+    for label, vals in rows:
+        lines.append(f"| {label} | " + " | ".join(_pct(v) for v in vals.values()) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[tuple[str, dict[str, float]]], out_png) -> Any:
+    """Finetuned mask AP (class-specific and class-agnostic) per pretraining choice (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    xs = range(len(rows))
+    for j, col in enumerate(COLUMNS[2:]):
+        ax.bar([x + (j - 0.5) * 0.38 for x in xs], [100 * (v[col] if v[col] == v[col] else 0) for _, v in rows], 0.38, label=col)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r[0] for r in rows], fontsize=8)
+    ax.set(ylabel="mask AP (%)", title="Finetuned on the labeled split, eval split")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+    return out_png
+
+
+def write_report(cfg: CaspConfig, result: Any, lineage: Any) -> str:
+    report_dir = cfg.run_dir(result.run) / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    rows = table(result.stages, cfg)
+    by_name = {o.name: o for o in result.stages}
+    early = _metrics(by_name, graph.EARLY)
+    text = "CaSP, Table 2 layout (mask AP %, eval split; pretraining models scored class-agnostic over one category)\n" + format_table(rows)
+    if "eval/mask_AP_agnostic" in early:
+        text += f"\n\nlabeling detector h_L: class-agnostic AP {_pct(early['eval/mask_AP_agnostic'])} on the val split"
+    pseudo = _metrics(by_name, graph.PSEUDO)
+    if pseudo:
+        text += (f"\npseudo-labels (delta={cfg.casp.delta:g}): {int(pseudo.get('pseudo/labels', 0))} on "
+                 f"{int(pseudo.get('pseudo/images', 0) - pseudo.get('pseudo/images_without_labels', 0))} of "
+                 f"{int(pseudo.get('pseudo/images', 0))} images ({int(pseudo.get('pseudo/images_without_labels', 0))} without one, dropped)")
+    (report_dir / "tables.md").write_text(text + "\n")
+    png = plot(rows, report_dir / "table2.png")
+    lineage.client.log_artifact(result.mlflow_run_id, str(report_dir / "tables.md"), "report")
+    lineage.client.log_artifact(result.mlflow_run_id, str(png), "report")
+    for label, vals in rows:
+        key = label.split(" ")[0].replace("(", "_").replace(")", "").replace(",", "")
+        for col, v in vals.items():
+            if v == v:
+                lineage.client.log_metric(result.mlflow_run_id, f"table2.{key}.{col.replace(' ', '_').replace('^', '')}", v)
+    (report_dir / "summary.json").write_text(json.dumps({"run": result.run, "mlflow_run_id": result.mlflow_run_id,
+                                                        "table2": {label: vals for label, vals in rows}}, indent=2))
+    return "\n".join([text, "", f"plot: {png}", f"report folder: {report_dir}"])
