@@ -48,7 +48,7 @@ class CaspSection(_Strict):
 
     labeled: str = Field(default="casp-demo/labeled", description="D^t: the labeled split (objects with classes; relative: to workspace.data).")
     unlabeled: str = Field(default="casp-demo/unlabeled", description="D^u: the unlabeled split (no labels; ground truth, if any, is never read).")
-    unlabeled_gt: str | None = Field(default=None, description="The unlabeled images with their ground truth: read only by the class_agnostic_gt baseline (an upper bound).")
+    unlabeled_gt: str | None = Field(default="casp-demo-gt/unlabeled", description="The unlabeled images with their ground truth (the same seeded split without --strip-labels): read only by the class_agnostic_gt baseline (an upper bound).")
     val: str = Field(default="partworld-demo/val", description="Selection split: promotion reads its metrics, never the reported split's.")
     eval: str = Field(default="partworld-demo/eval", description="The reported split (Table 2's figures).")
     delta: float = Field(default=0.2, ge=0, lt=1, description="delta: pseudo-labels are predictions with score > delta (Table 7: 0.2).")
