@@ -318,10 +318,12 @@ def load_config(path: str | Path, model: type[PipelineConfig] | None = None) -> 
             raw = yaml.safe_load(path.read_text()) or {}
         except OSError as e:
             raise SpecError(f"{path}: cannot read ({e.strerror})") from e
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
         except yaml.YAMLError as e:
             raise SpecError(f"{path}: not valid YAML: {e}") from e
         name = raw.get("pipeline", "custom") if isinstance(raw, dict) else "custom"
-        if name not in PIPELINES:
+        if not isinstance(name, str) or name not in PIPELINES:
             raise SpecError(f"{path}: invalid configuration\n  pipeline: unknown pipeline {name!r} (known: {', '.join(sorted(PIPELINES))})")
         model = PIPELINES[name]
     try:

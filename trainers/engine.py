@@ -293,7 +293,7 @@ class _Position:
                 log.warning("world size or workers changed since the checkpoint: epoch %d restarts from its first sample",
                             pos.epoch)
         if d.is_main and pos.step:
-            log.info("resumed from %s at step %d (epoch %d, step %d of %d)", ckpt.latest_tag(), pos.step, pos.epoch,
+            log.info("resumed from %s at step %d (epoch %d, step %d of %d)", ckpt.loaded_tag, pos.step, pos.epoch,
                      pos.epoch_step, data.steps_per_epoch)
         return pos
 
@@ -311,7 +311,7 @@ def _train(engine, scheduler, params: TrainParams, loss_fn: LossFn, transform, c
                             collate_fn=_CollateWithWorker(collate), persistent_workers=False)
         batches = iter(loader)
         while pos.step < params.steps and pos.epoch_step < data.steps_per_epoch:
-            step_metrics = _step(engine, scheduler, loss_fn, batches, d, data, pos)
+            step_metrics = _step(engine, scheduler, loss_fn, batches, d, data, pos, params.nonfinite_loss)
             window.append(step_metrics)
             if pos.step % params.log_every == 0 or pos.step == params.steps:
                 last_metrics = _reduce_window(window)
@@ -326,11 +326,38 @@ def _train(engine, scheduler, params: TrainParams, loss_fn: LossFn, transform, c
     return last_metrics
 
 
-def _step(engine, scheduler, loss_fn: LossFn, batches, d: Dist, data: _Data, pos: _Position) -> dict[str, float]:
-    """One optimizer step: ``accum`` micro-batches; advances ``pos``; returns the step's metrics."""
+class NonFiniteLossError(FloatingPointError):
+    """A loss that is NaN or infinite on some rank (``nonfinite_loss: stop``); names the step, micro-batch and ranks."""
+
+
+def _nonfinite_ranks(loss: torch.Tensor, d: Dist) -> list[int]:
+    """Ranks whose ``loss`` is NaN or infinite (a collective: every rank gets the same answer)."""
+    bad = torch.zeros(d.world_size, dtype=torch.float32, device=loss.device)
+    bad[d.rank] = 0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0
+    if d.world_size > 1:
+        dist.all_reduce(bad)
+    return [r for r, v in enumerate(bad.tolist()) if v]
+
+
+def _zero_loss(engine) -> torch.Tensor:
+    """A loss of exactly 0 reaching every trainable parameter: a skipped micro-batch's stand-in, so that every rank
+    still runs the same backward (gradient reduction) and DeepSpeed's micro-step count stays in step."""
+    return sum((p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad), torch.zeros((), device=engine.device))
+
+
+def _step(engine, scheduler, loss_fn: LossFn, batches, d: Dist, data: _Data, pos: _Position,
+          nonfinite: str = "stop") -> dict[str, float]:
+    """One optimizer step: ``accum`` micro-batches; advances ``pos``; returns the step's metrics.
+
+    A loss that is not finite on any rank stops every rank with :class:`NonFiniteLossError` (``nonfinite="stop"``)
+    or is skipped (``"skip"``): with one micro-batch per step the optimizer step is not taken; with accumulation
+    that micro-batch contributes no gradient. Skips are logged and counted in the ``skipped`` metric."""
     t0 = time.perf_counter()
     step_metrics: dict[str, float] = {}
-    for _ in range(data.accum):
+    if nonfinite == "skip":
+        step_metrics["skipped"] = 0.0
+    counted = 0
+    for micro in range(data.accum):
         try:
             worker, n, batch = next(batches)
         except StopIteration:
@@ -338,11 +365,31 @@ def _step(engine, scheduler, loss_fn: LossFn, batches, d: Dist, data: _Data, pos
                                f"of {data.steps_per_epoch}") from None
         pos.consumed[worker] += n
         loss, extra = loss_fn(engine, _to_device(batch, d.device))
+        bad = _nonfinite_ranks(loss, d)
+        if bad:
+            where = (f"step {pos.step + 1} (epoch {pos.epoch}, step {pos.epoch_step + 1} of the epoch, micro-batch "
+                     f"{micro + 1} of {data.accum})")
+            if nonfinite != "skip":
+                raise NonFiniteLossError(f"non-finite loss ({float(loss.detach())} on rank {d.rank}; non-finite on "
+                                         f"rank(s) {bad}) at {where}: training stopped (params.nonfinite_loss: skip "
+                                         "skips such steps instead)")
+            if d.is_main:
+                log.warning("non-finite loss on rank(s) %s at %s: skipped (nonfinite_loss: skip)", bad, where)
+            step_metrics["skipped"] = 1.0
+            if data.accum == 1:
+                continue  # no backward, no optimizer step
+            loss, extra = _zero_loss(engine), {}
         engine.backward(loss)
         engine.step()
+        if bad:
+            continue
+        counted += 1
         step_metrics["loss"] = step_metrics.get("loss", 0.0) + float(loss.detach()) / data.accum
         for k, v in extra.items():
             step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / data.accum
+    if counted and counted < data.accum:  # means over the micro-batches that counted
+        for k in [k for k in step_metrics if k != "skipped"]:
+            step_metrics[k] *= data.accum / counted
     pos.step += 1
     pos.epoch_step += 1
     step_metrics["lr"] = scheduler.get_last_lr()[0]

@@ -6,7 +6,7 @@ Not a stage: the params models of ``fit-objects``, ``instance-teacher``, ``train
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -28,6 +28,10 @@ class TrainParams(Params):
     log_every: int = Field(default=1, ge=1, description="Steps between metric records (MLflow, progress bar).")
     seed: int = Field(default=0, description="Model init uses seed on every rank; data order and augmentation use seed + rank.")
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank.")
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="A NaN or infinite loss on any rank: stop (every rank fails, naming the step) or skip (that step's "
+                    "update is not applied; logged and counted in the train/skipped metric).")
 
 
 def merged_over(defaults: dict[str, Any]):

@@ -170,3 +170,64 @@ def test_only_rank0_logs_metrics_to_mlflow(tmp_path, tiny_partworld):
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == [2, 4, 6]  # steps / log_every records, none from rank 1
     assert {"train/loss", "train/lr", "train/step_time_s"} <= set(client.get_run(run_id).data.metrics)
+
+
+# -- a non-finite loss (issue 16 item 5; fast: a stand-in engine on one rank) ----------------------------
+class _OneParamEngine:
+    """What ``_step`` calls on a DeepSpeed engine: backward, step, the module, the global grad norm."""
+
+    def __init__(self):
+        self.module = torch.nn.Linear(1, 1)
+        self.device = torch.device("cpu")
+        self.backwards, self.steps = [], 0
+
+    def backward(self, loss):
+        self.backwards.append(float(loss.detach()))
+        loss.backward()
+
+    def step(self):
+        self.steps += 1
+
+    def get_global_grad_norm(self):
+        return None
+
+
+def _run_step(losses, nonfinite, accum=1):
+    from trainers.comm import Dist
+    from trainers.engine import _Data, _Position, _step
+
+    engine = _OneParamEngine()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(engine.module.parameters(), lr=1.0), lambda s: 1.0)
+    batches = iter([(0, 1, v) for v in losses])
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    pos = _Position(step=4, epoch=0, epoch_step=4, consumed=[0])
+
+    def loss_fn(engine, value):
+        return engine.module.weight.sum() * 0 + value, {}
+
+    metrics = _step(engine, scheduler, loss_fn, batches, d, _Data("x", 1, accum, 10, 0), pos, nonfinite)
+    return engine, metrics, pos
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_loss_stops_training_naming_the_step(bad):
+    from trainers.engine import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* at step 5 \(epoch 0, step 5 of the epoch"):
+        _run_step([bad], "stop")
+
+
+def test_a_non_finite_loss_is_skipped_when_the_params_say_so():
+    engine, metrics, pos = _run_step([float("nan")], "skip")
+    assert engine.backwards == [] and engine.steps == 0  # no update at all
+    assert metrics["skipped"] == 1.0 and "loss" not in metrics and pos.step == 5  # the data position moves on
+    engine, metrics, _ = _run_step([1.0, float("inf")], "skip", accum=2)  # with accumulation: a zero contribution
+    assert engine.backwards == [1.0, 0.0] and engine.steps == 2 and metrics["loss"] == pytest.approx(1.0)
+    engine, metrics, _ = _run_step([2.0], "skip")
+    assert engine.backwards == [2.0] and metrics["skipped"] == 0.0 and metrics["loss"] == 2.0
+
+
+def test_nonfinite_loss_param_defaults_to_stop():
+    assert TrainParams().nonfinite_loss == "stop"
+    with pytest.raises(ValueError):
+        TrainParams(nonfinite_loss="ignore")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -68,8 +69,8 @@ def read_image(path: Path, *, key: Any, expect_hw: tuple[int, int] | None = None
     """
     try:
         data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read image: {e.strerror or e}", source=path, key=key) from None
+    except (OSError, ValueError) as e:  # ValueError: a file name with a NUL byte
+        raise DataError(f"cannot read image: {getattr(e, 'strerror', None) or e}", source=path, key=key) from None
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # a full decode catches truncated/corrupt files, not just bad headers
@@ -147,7 +148,7 @@ def coco_categories(data: dict, path: Path) -> tuple[list[dict], set[int]]:
 
 
 def _as_int(v: Any, what: str, path: Path, key: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or int(v) != v:
         raise DataError(f"{what} must be an integer, got {v!r}", source=path, key=key)
     return int(v)
 
@@ -164,7 +165,7 @@ def _coco_images(data: dict, path: Path) -> tuple[list[dict], dict[int, list[dic
         if not isinstance(ann, dict) or "image_id" not in ann:
             raise DataError(f"annotations[{j}] (id {ann.get('id') if isinstance(ann, dict) else None}) lacks 'image_id'", source=path)
         iid = ann["image_id"]
-        if iid not in ids:
+        if isinstance(iid, bool) or not isinstance(iid, (int, float)) or iid not in ids:
             raise DataError(f"annotations[{j}] (id {ann.get('id')}) refers to unknown image_id {iid!r}", source=path)
         by_image[iid].append(ann)
     return images, by_image
@@ -263,7 +264,7 @@ def segmentation_to_rle(seg: Any, h: int, w: int, *, what: str, source: Any, key
     elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
         try:
             size = [int(v) for v in seg["size"]]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise bad(f"bad RLE size {seg['size']!r}") from None
         if size != [h, w]:
             raise bad(f"RLE size {size} does not match the image size [{h}, {w}]")
@@ -273,7 +274,10 @@ def segmentation_to_rle(seg: Any, h: int, w: int, *, what: str, source: Any, key
                 raise bad(f"uncompressed RLE counts must be non-negative ints summing to {h}*{w}")
             rle = mask_utils.frPyObjects({"size": size, "counts": counts}, h, w)
         elif isinstance(counts, (str, bytes)):
-            counts = counts.encode("ascii") if isinstance(counts, str) else counts
+            try:
+                counts = counts.encode("ascii") if isinstance(counts, str) else counts
+            except UnicodeEncodeError:
+                raise bad("compressed RLE counts must be ASCII") from None
             if _rle_counts_total(counts) != h * w:
                 raise bad(f"compressed RLE counts are malformed or do not cover the {h}x{w} image")
             rle = {"size": size, "counts": counts}

@@ -12,6 +12,8 @@ imported at module level, so this module never imports torch (the control plane 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -47,6 +49,20 @@ class DataError(Exception):
         self.key = None if key is None else str(key)
         where = [p for p in (self.source, None if self.key is None else f"sample {self.key}") if p]
         super().__init__(": ".join(where + [self.reason]))
+
+
+class WriteError(DataError):
+    """Writing a dataset failed (a full disk, a read-only folder): names the file; nothing half-written was published."""
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def _write_error(e: OSError, path: Path) -> WriteError:
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "disk full (no space left on device)" if full else f"cannot write: {e.strerror or e}"
+    return WriteError(f"{reason}; nothing was published (the previous dataset, if any, is intact)",
+                      source=e.filename or path)
 
 
 class PartsNotAllowedError(DataError):
@@ -98,6 +114,7 @@ class DatasetIndex:
         missing = [f for f in names if f not in raw and f not in ("quarantined", "source", "notes")]
         if missing:
             raise DataError(f"dataset index lacks fields {missing}", source=path)
+        _check_index_fields(raw, path)
         return cls(**{f: raw[f] for f in names if f in raw})
 
     def to_json(self) -> str:
@@ -107,8 +124,54 @@ class DatasetIndex:
         return json.dumps(d, indent=1, sort_keys=True) + "\n"
 
     def save(self, dataset_dir: str | os.PathLike) -> None:
-        """Write ``index.json`` atomically (temp file, fsync, rename)."""
-        write_atomic(Path(dataset_dir) / INDEX_FILE, self.to_json().encode())
+        """Write ``index.json`` atomically (temp file, fsync, rename); WriteError naming it if that fails."""
+        try:
+            write_atomic(Path(dataset_dir) / INDEX_FILE, self.to_json().encode())
+        except OSError as e:
+            raise _write_error(e, Path(dataset_dir) / INDEX_FILE) from e
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_index_fields(raw: dict, path: Path) -> None:
+    """The types readers rely on; DataError naming the field of a damaged (yet parseable) index."""
+    def bad(field: str, want: str) -> DataError:
+        return DataError(f"dataset index field {field} must be {want}", source=path)
+
+    for f in ("name", "split"):
+        if not isinstance(raw[f], str):
+            raise bad(f, "a string")
+    if not _is_int(raw["num_samples"]) or raw["num_samples"] < 0:
+        raise bad("num_samples", "a non-negative integer")
+    if not isinstance(raw["has_parts"], bool):
+        raise bad("has_parts", "true or false")
+    for f in ("categories", "part_categories"):
+        cats = raw[f]
+        if cats is None and f == "part_categories":
+            continue
+        if not isinstance(cats, list) or not all(isinstance(c, dict) and _is_int(c.get("id")) for c in cats):
+            raise bad(f, "a list of {\"id\": int, \"name\": ...} objects")
+    if not isinstance(raw["shards"], list):
+        raise bad("shards", "a list")
+    for i, sh in enumerate(raw["shards"]):
+        if not isinstance(sh, dict):
+            raise bad(f"shards[{i}]", "an object")
+        name = sh.get("name")
+        if not isinstance(name, str) or not name or name.startswith("/") or ".." in Path(name).parts:
+            raise bad(f"shards[{i}].name", "a relative path inside the dataset")
+        for f in ("num_samples", "bytes"):
+            if not _is_int(sh.get(f)) or sh[f] < 0:
+                raise bad(f"shards[{i}].{f}", "a non-negative integer")
+        if not isinstance(sh.get("sha256"), str):
+            raise bad(f"shards[{i}].sha256", "a hex string")
+    if sum(sh["num_samples"] for sh in raw["shards"]) != raw["num_samples"]:
+        raise DataError(f"dataset index says num_samples {raw['num_samples']} but its shards hold "
+                        f"{sum(sh['num_samples'] for sh in raw['shards'])}", source=path)
+    for f, want in (("quarantined", list), ("notes", dict)):
+        if f in raw and not isinstance(raw[f], want):
+            raise bad(f, f"a {want.__name__}")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -199,7 +262,8 @@ def write_dataset(
             shards=shards, quarantined=quarantined, source=source, notes=dict(notes or {}),
         )
         index.save(out)  # the publish point
-    except BaseException:
+    except BaseException as e:
+        failed_at = writer.tmp_path if writer is not None else out / INDEX_FILE
         if writer is not None:
             writer.abort()
         for p in created:
@@ -207,6 +271,8 @@ def write_dataset(
                 p.unlink(missing_ok=True)
         if new_dir and not any(out.iterdir()):
             out.rmdir()
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:  # a full disk: name the file, not just the errno
+            raise _write_error(e, failed_at) from e
         raise
     _collect_garbage(out, {s["name"] for s in shards})
     return index
@@ -358,13 +424,12 @@ class _ShardWriter:
         return {"name": name, "num_samples": self.count, "sha256": sha, "bytes": self.hashing.bytes}
 
     def abort(self) -> None:
-        try:
-            try:
-                self.tar.close()  # flush tarfile's buffer now, not in a finaliser after the file is closed
-            finally:
-                self.file.close()
-        finally:
-            self.tmp_path.unlink(missing_ok=True)
+        """Close and remove the temp file; never raises (it runs while another error propagates, e.g. a full disk)."""
+        with contextlib.suppress(Exception):
+            self.tar.close()  # flush tarfile's buffer now, not in a finaliser after the file is closed
+        with contextlib.suppress(Exception):
+            self.file.close()
+        self.tmp_path.unlink(missing_ok=True)
 
 
 def _collect_garbage(out: Path, live: set[str]) -> None:
