@@ -12,8 +12,8 @@ image``, built once per rank by ``labeller(dist)`` so models load only when a pa
 output name; :meth:`ShardMap.run` does the rest. Multi-phase stages (rank-parts, cluster-pixels) use the
 pieces: :meth:`ShardMap.write_part`, :meth:`ShardMap.finish`.
 
-**Fingerprint** (:func:`fingerprint`): the sha256 of (the spec's inputs -- every dataset's path and DVC hash,
-every model's URI --, the parsed params with their defaults filled in, the world size). A rank part holds
+**Fingerprint** (:func:`fingerprint`): the sha256 of (the spec's inputs -- every dataset's DVC hash (its path
+only when it has none), every model's URI --, the parsed params with their defaults filled in, the world size). A rank part holds
 ``shardmap.json`` = ``{"fingerprint", "stats"}``, written after its index, and a rerun skips a part whose
 ``shardmap.json`` carries the same fingerprint. A local model file (or dataset path) rewritten in place under the
 same name is not seen: the control plane pins ``models:/`` aliases to versions and versions datasets by DVC
@@ -45,9 +45,15 @@ Label = Callable[[list[str], Any, list[dict], Stats], list[list[dict]]]
 
 
 def fingerprint(spec: StageSpec, params: Params | dict, world_size: int, **more: Any) -> str:
-    """sha256 of the spec's inputs (dataset paths and DVC hashes, model URIs), the parsed params (defaults filled
-    in), the world size and ``more`` (what a stage's parts depend on besides)."""
-    doc = {"inputs": spec.inputs.model_dump(mode="json"),
+    """sha256 of the spec's inputs (each dataset by its DVC hash, or its path when it has none; model URIs), the
+    parsed params (defaults filled in), the world size and ``more`` (what a stage's parts depend on besides).
+
+    A pinned dataset enters by content, not by where it is mounted: the same stage on the same data writes the
+    same bytes (and so the same DVC version) whether its PVC is at /data or the workspace is in a home folder.
+    """
+    inputs = {"datasets": {k: d.dvc_hash or f"path:{d.path}" for k, d in spec.inputs.datasets.items()},
+              "models": {k: m.uri for k, m in spec.inputs.models.items()}}
+    doc = {"inputs": inputs,
            "params": params.model_dump(mode="json") if isinstance(params, Params) else params,
            "world_size": world_size, **more}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()

@@ -97,6 +97,16 @@ def test_the_fingerprint_covers_inputs_params_with_defaults_and_world_size(tmp_p
     assert base != fingerprint(other, PseudoLabelParams(), 1)
 
 
+def test_a_pinned_dataset_enters_the_fingerprint_by_content_not_by_its_mount_path(tmp_path, images):
+    spec = spec_for(tmp_path, images)
+    spec.inputs.datasets["images"].dvc_hash = "0123.dir"
+    moved = spec.model_copy(deep=True)
+    moved.inputs.datasets["images"].path = "/data/somewhere/else"  # the same version where a cluster mounts it
+    assert fingerprint(spec, PseudoLabelParams(), 1) == fingerprint(moved, PseudoLabelParams(), 1)
+    moved.inputs.datasets["images"].dvc_hash = "4567.dir"
+    assert fingerprint(spec, PseudoLabelParams(), 1) != fingerprint(moved, PseudoLabelParams(), 1)
+
+
 def test_counters_add_and_become_metrics():
     a, b = Counted(images=1, proposals=2), Counted(images=3, proposals=4)
     a.add(b)
