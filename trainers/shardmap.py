@@ -14,8 +14,10 @@ pieces: :meth:`ShardMap.write_part`, :meth:`ShardMap.finish`.
 
 **Fingerprint** (:func:`fingerprint`): the sha256 of (the spec's inputs -- every dataset's DVC hash (its path
 only when it has none), every model's URI --, the parsed params with their defaults filled in, the world size). A rank part holds
-``shardmap.json`` = ``{"fingerprint", "stats"}``, written after its index, and a rerun skips a part whose
-``shardmap.json`` carries the same fingerprint. A local model file (or dataset path) rewritten in place under the
+a done marker ``<workdir>/shardmap/rank-<r>.json`` = ``{"fingerprint", "part", "stats"}``, written after the
+part's index, and a rerun skips a part whose marker carries the same fingerprint. The marker sits in the workdir,
+not in the dataset: its stats hold timings, and the dataset's bytes (its DVC version) depend on the inputs,
+params and world size only. A local model file (or dataset path) rewritten in place under the
 same name is not seen: the control plane pins ``models:/`` aliases to versions and versions datasets by DVC
 hash. Stages whose parts depend on more pass it (``more``): rank-parts its spill generation.
 """
@@ -38,7 +40,7 @@ from trainers.inputs import dataset_input, log_metrics, output_dataset
 
 log = logging.getLogger(__name__)
 
-DONE_FILE = "shardmap.json"  # <out>/rank-<r>/shardmap.json: fingerprint + stats of a complete part
+MARKER_DIR = "shardmap"  # <workdir>/shardmap/rank-<r>.json: fingerprint + stats of a complete part <out>/rank-<r>
 
 Sample = tuple[str, Any, dict]  # (key, image bytes, record)
 Label = Callable[[list[str], Any, list[dict], Stats], list[list[dict]]]
@@ -70,6 +72,9 @@ class ShardMap:
         self.name = f"{self.index.name}-{name}"
         self.dist = d or init_distributed(on_gpu(spec))
         self.part = shards.part_dir(self.out, self.dist.rank)
+        # the done marker lives in the stage's workdir, not in the dataset: its stats hold timings, and the
+        # dataset's bytes (its DVC version) must depend on the inputs, params and world size only
+        self.marker = Path(spec.outputs.workdir) / MARKER_DIR / f"{self.part.name}.json"
         self.fingerprint = fingerprint(spec, params, self.dist.world_size, **more)
         self.resumed = False
         self.t0 = time.perf_counter()
@@ -83,8 +88,8 @@ class ShardMap:
         return shards.num_samples_for(self.index, rank=self.dist.rank, world_size=self.dist.world_size)
 
     def done(self) -> dict | None:
-        """``shardmap.json`` of this rank's part when it is complete for the current fingerprint."""
-        doc = read_json(self.part / DONE_FILE)
+        """The done marker of this rank's part when the part is complete for the current fingerprint."""
+        doc = read_json(self.marker)
         if not doc or doc.get("fingerprint") != self.fingerprint:
             return None
         try:
@@ -101,11 +106,11 @@ class ShardMap:
             self.resumed = True
             log.info("rank %d: %s already holds this share (%s): skipped", self.dist.rank, self.part, self.fingerprint)
             return type(stats).from_dict(doc["stats"])
-        (self.part / DONE_FILE).unlink(missing_ok=True)
+        self.marker.unlink(missing_ok=True)
         shards.write_dataset(samples(), self.part, name=self.name, split=self.index.split,
                              categories=self.index.categories, shard_size=self.params.shard_size,
                              source=f"{self.spec.stage}:{self.fingerprint}")
-        write_json(self.part / DONE_FILE, {"fingerprint": self.fingerprint, "stats": stats.to_dict()}, indent=1)
+        write_json(self.marker, {"fingerprint": self.fingerprint, "part": str(self.part), "stats": stats.to_dict()}, indent=1)
         return stats
 
     def labelled(self, label: Label, stats: Stats, *, same_size: bool = False, allow_parts: bool = False,

@@ -187,7 +187,7 @@ def weights_differ(a: Path, b: Path) -> list[str]:
 
 
 def dataset_files(root: Path) -> dict[str, bytes]:
-    """index.json and shard bytes of a (multi-part) dataset, by relative path (shardmap.json stats excluded)."""
+    """index.json and shard bytes of a (multi-part) dataset, by relative path (the done markers live in the workdir)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and (p.suffix == ".tar" or p.name == "index.json")}
 

@@ -12,7 +12,7 @@ from contract.stages.pseudo_label import PseudoLabelParams
 from runtime_helpers import free_port, write_partworld
 from trainers.comm import Stats
 from trainers.data import shards
-from trainers.shardmap import DONE_FILE, ShardMap, fingerprint
+from trainers.shardmap import MARKER_DIR, ShardMap, fingerprint
 
 
 @dataclass
@@ -79,11 +79,21 @@ def test_a_crash_mid_write_publishes_nothing_and_the_rerun_completes(tmp_path, i
     part = shards.part_dir(tmp_path / "out", 0)
     with pytest.raises(shards.DataError):
         shards.DatasetIndex.load(part)  # no index: readers never see the half-written part
-    assert not (part / DONE_FILE).exists()
+    assert not (tmp_path / "w" / MARKER_DIR / f"{part.name}.json").exists()
     with pytest.raises(shards.DataError):
         shards.DatasetIndex.load(tmp_path / "out")
     result = run(spec, PseudoLabelParams(batch_size=4, shard_size=2), calls)
     assert result.metrics["test/images"] == 10.0 and len(shards.verify(tmp_path / "out").shards) == 5
+
+
+def test_the_done_marker_lives_in_the_workdir_so_the_dataset_holds_no_timings(tmp_path, images, one_rank):
+    spec = spec_for(tmp_path, images)
+    run(spec, PseudoLabelParams(batch_size=5), [])
+    part = shards.part_dir(tmp_path / "out", 0)
+    marker = tmp_path / "w" / MARKER_DIR / f"{part.name}.json"
+    assert marker.is_file() and str(part) in marker.read_text()
+    assert not any("fingerprint" in f.read_text() or "seconds" in f.read_text()
+                   for f in (tmp_path / "out").rglob("*.json")), "dataset files must not depend on the run"
 
 
 def test_the_fingerprint_covers_inputs_params_with_defaults_and_world_size(tmp_path, images):

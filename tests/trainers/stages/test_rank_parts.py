@@ -1,6 +1,8 @@
 """Stage ``rank-parts`` (PartDistillation sec. 4.3): candidates per object class, k-means over ranks, cluster-id labels."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 
 import numpy as np
@@ -148,7 +150,7 @@ def test_a_rerun_reuses_the_spill_and_reclusters_only_a_deleted_class(tmp_path, 
     clusters = tmp_path / "work-out" / "clusters"
     done = sorted(clusters.glob("class-*.npz"))
     done[-1].unlink()
-    (shards.part_dir(tmp_path / "out", 0) / "shardmap.json").unlink()  # the labels are redone too
+    (Path(spec.outputs.workdir) / "shardmap" / "rank-00000.json").unlink()  # the labels are redone too
     second = run(spec).metrics
     assert second["rank_parts/reused_spill_ranks"] == 1
     assert second["rank_parts/classes_resumed"] == len(done) - 1
