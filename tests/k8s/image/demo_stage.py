@@ -26,7 +26,7 @@ spec = {
 }
 (work / "spec.json").write_text(json.dumps(spec))
 subprocess.run(["torchrun", "--nnodes", "1", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", "29571", "-m", "trainers", "fit-objects", "--spec", str(work / "spec.json")],
-               check=True, env={**__import__("os").environ, "SELFTRAIN_PROGRESS": "0", "OMP_NUM_THREADS": "1"})
+               check=True, env={**__import__("os").environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
 result = json.loads((work / "stage" / "result.json").read_text())
 print(json.dumps(result))
 assert result["status"] == "succeeded" and result["steps"] == 3 and Path(result["model_path"]).is_file(), result
