@@ -81,6 +81,14 @@ class TrackingConfig(_Strict):
     artifact_location: str | None = Field(default=None, description="Artifact root for a new experiment; default <mlflow>/artifacts with the SQLite store, the server's default otherwise.")
 
 
+class StagePlacement(_Strict):
+    """Scheduling of one stage kind's pods; a field left unset keeps the job-wide value."""
+
+    node_selector: dict[str, str] | None = Field(default=None, description="nodeSelector of this kind's pods.")
+    tolerations: list[dict[str, Any]] | None = Field(default=None, description="Tolerations of this kind's pods.")
+    affinity: dict[str, Any] | None = Field(default=None, description="Affinity of this kind's pods.")
+
+
 class KubernetesConfig(_Strict):
     """How a stage becomes a PyTorchJob (used by the render and kubernetes executors, and read by the local one)."""
 
@@ -109,7 +117,15 @@ class KubernetesConfig(_Strict):
     master_port: int = Field(default=23456, ge=1, le=65535, description="Port of the pytorchjob-port on the Master (the operator's MASTER_PORT).")
     node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the training pods.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the training pods (Kubernetes toleration objects).")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables of the trainer container.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables of the trainer container (e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA).")
+    affinity: dict[str, Any] = Field(default_factory=dict, description="Affinity of the training pods (a Kubernetes affinity object).")
+    priority_class_name: str | None = Field(default=None, description="priorityClassName of the training pods.")
+    extra_resources: dict[str, str | int] = Field(default_factory=dict, description="Extra resources every trainer container requests and limits (e.g. rdma/ib, vpc.amazonaws.com/efa).")
+    placement_by_kind: dict[Literal["train", "label", "evaluate"], StagePlacement] = Field(
+        default_factory=dict, description="nodeSelector/tolerations/affinity replacing the job-wide ones for one stage kind (the kind in the stage's definition).")
+    pod_security: Literal["restricted", "none"] = Field(
+        default="restricted",
+        description="restricted: trainer pods meet Pod Security 'restricted' (non-root uid 10001, no privilege escalation, all capabilities dropped, seccomp RuntimeDefault, read-only root with a writable /tmp); none: no securityContext.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the PyTorchJobs and their pods (e.g. kueue.x-k8s.io/queue-name for Kueue).")
     scheduling_policy: dict[str, Any] = Field(
         default_factory=dict,

@@ -34,21 +34,26 @@ from kubeflow.training.models import (
 )
 from kubernetes.client import (
     ApiClient,
+    V1Capabilities,
     V1Container,
     V1ContainerPort,
     V1EmptyDirVolumeSource,
     V1EnvVar,
     V1ObjectMeta,
     V1PersistentVolumeClaimVolumeSource,
+    V1PodSecurityContext,
     V1PodSpec,
     V1PodTemplateSpec,
     V1ResourceRequirements,
+    V1SeccompProfile,
+    V1SecurityContext,
     V1Toleration,
     V1Volume,
     V1VolumeMount,
 )
 
 from pipelines.config import KubernetesConfig
+from contract import stages as registry
 from contract.spec import StageSpec
 
 API_VERSION = "kubeflow.org/v1"
@@ -58,6 +63,10 @@ PORT_NAME = "pytorchjob-port"
 SPEC_ENV = "SELFTRAIN_SPEC"
 RUN_ENV = "SELFTRAIN_RUN"
 LABEL = "selftrain.io"
+TRAINER_UID = 10001  # the image's user (Dockerfile)
+#: Caches the trainers write, moved to the /tmp emptyDir when the root filesystem is read-only (Pod Security restricted).
+RESTRICTED_ENV = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "TORCH_EXTENSIONS_DIR": "/tmp/torch_extensions",
+                  "TRITON_CACHE_DIR": "/tmp/triton", "MPLCONFIGDIR": "/tmp/matplotlib"}
 
 
 def fingerprint(spec: StageSpec, extra: dict[str, Any] | None = None) -> str:
@@ -164,6 +173,9 @@ def build_job(
         env.append(V1EnvVar(name=RUN_ENV, value=run))
     if spec.tracking.run_id:
         env.append(V1EnvVar(name="MLFLOW_RUN_ID", value=spec.tracking.run_id))
+    restricted = k8s.pod_security == "restricted"
+    if restricted:  # a read-only root: every cache the trainers write goes to the /tmp emptyDir
+        env += [V1EnvVar(name=k, value=v) for k, v in RESTRICTED_ENV.items() if k not in k8s.env]
     env += [V1EnvVar(name=k, value=v) for k, v in sorted(k8s.env.items())]
 
     requests = {"cpu": res.cpu, "memory": res.memory}
@@ -171,6 +183,8 @@ def build_job(
     if res.gpus_per_replica:
         requests["nvidia.com/gpu"] = str(res.gpus_per_replica)
         limits["nvidia.com/gpu"] = str(res.gpus_per_replica)
+    for k, v in sorted(k8s.extra_resources.items()):
+        requests[k] = limits[k] = str(v)
 
     volumes, mounts = [], []
     for vol, pvc, mount in (("data", k8s.data_pvc, k8s.data_mount), ("checkpoints", k8s.checkpoints_pvc, k8s.checkpoints_mount)):
@@ -180,6 +194,10 @@ def build_job(
     if k8s.shm_size:
         volumes.append(V1Volume(name="dshm", empty_dir=V1EmptyDirVolumeSource(medium="Memory", size_limit=k8s.shm_size)))
         mounts.append(V1VolumeMount(name="dshm", mount_path="/dev/shm"))
+    if restricted:
+        volumes.append(V1Volume(name="tmp", empty_dir=V1EmptyDirVolumeSource()))
+        mounts.append(V1VolumeMount(name="tmp", mount_path="/tmp"))
+    placement = _placement(spec, k8s)
 
     command, args = container_command(spec)
 
@@ -194,13 +212,22 @@ def build_job(
             ports=[V1ContainerPort(name=PORT_NAME, container_port=k8s.master_port, protocol="TCP")],
             resources=V1ResourceRequirements(requests=requests, limits=limits),
             volume_mounts=mounts or None,
+            security_context=V1SecurityContext(
+                allow_privilege_escalation=False, capabilities=V1Capabilities(drop=["ALL"]),
+                read_only_root_filesystem=True, run_as_non_root=True) if restricted else None,
         )
         pod = V1PodSpec(
             containers=[container],
             volumes=volumes or None,
             service_account_name=k8s.service_account,
-            node_selector=k8s.node_selector or None,
-            tolerations=[V1Toleration(**_snake(t)) for t in k8s.tolerations] or None,
+            node_selector=placement["node_selector"] or None,
+            tolerations=[V1Toleration(**_snake(t)) for t in placement["tolerations"]] or None,
+            affinity=placement["affinity"] or None,
+            priority_class_name=k8s.priority_class_name,
+            security_context=V1PodSecurityContext(
+                run_as_non_root=True, run_as_user=TRAINER_UID, run_as_group=TRAINER_UID, fs_group=TRAINER_UID,
+                fs_group_change_policy="OnRootMismatch", seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
+            ) if restricted else None,
         )
         return KubeflowOrgV1ReplicaSpec(
             replicas=n,
@@ -228,6 +255,15 @@ def build_job(
             ),
         ),
     )
+
+
+def _placement(spec: StageSpec, k8s: KubernetesConfig) -> dict[str, Any]:
+    """nodeSelector, tolerations and affinity of a stage's pods: the job-wide ones, replaced field by field by its kind's."""
+    out = {"node_selector": k8s.node_selector, "tolerations": k8s.tolerations, "affinity": k8s.affinity}
+    if spec.stage in registry.STAGES and registry.STAGES[spec.stage].kind in k8s.placement_by_kind:
+        by_kind = k8s.placement_by_kind[registry.STAGES[spec.stage].kind]
+        out.update({k: v for k, v in by_kind.model_dump().items() if v is not None})
+    return out
 
 
 def to_dict(job: KubeflowOrgV1PyTorchJob) -> dict[str, Any]:

@@ -230,6 +230,17 @@ def test_trainer_env_affinity_priority_resources_and_per_kind_placement_reach_th
     assert k8s["affinity"] == values["trainers"]["affinity"]
     assert k8s["placement_by_kind"] == {"evaluate": {"node_selector": {"pool": "cpu"}, "tolerations": []}}
     assert k8s["labels"] == {"selftrain.io/release": "st", "kueue.x-k8s.io/queue-name": "gpu"}
+    # the config the driver loads accepts them, and the rendered trainer pods carry them
+    from pipelines import render as render_jobs
+    from pipelines.config import load_config
+
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(pipeline(render(helm, "-f", str(f)))))
+    cfg = load_config(tmp_path / "pipeline.yaml")
+    evaluate = next(s for s in cfg.stage_specs("r") if s.stage.startswith("evaluate"))
+    pod = render_jobs.render_stage(evaluate, cfg.executor.kubernetes)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["priorityClassName"] == "training-high" and pod["nodeSelector"] == {"pool": "cpu"}
+    assert pod["containers"][0]["resources"]["limits"]["vpc.amazonaws.com/efa"] == "4"
+    assert {"name": "NCCL_IB_HCA", "value": "mlx5"} in pod["containers"][0]["env"]
 
 
 def test_unset_new_trainer_values_leave_the_pipeline_config_as_before(helm):

@@ -73,9 +73,10 @@ def test_run_policy_and_restart_policy_come_from_the_config(tmp_path):
 
 
 def test_volumes_are_pvcs_by_config_and_none_by_default(tmp_path):
-    plain = render.render_stage(_spec(tmp_path))
+    plain = render.render_stage(_spec(tmp_path), make_config(tmp_path, executor={"kubernetes": {"pod_security": "none"}}).executor.kubernetes)
     assert "volumes" not in plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-    cfg = make_config(tmp_path, executor={"kubernetes": {"data_pvc": "selftrain-data", "checkpoints_pvc": "selftrain-ckpt"}})
+    cfg = make_config(tmp_path, executor={"kubernetes": {"data_pvc": "selftrain-data", "checkpoints_pvc": "selftrain-ckpt",
+                                                         "pod_security": "none"}})
     spec = _spec(tmp_path)
     ws = cfg.paths
     job = render.render_stage(spec, cfg.executor.kubernetes, path_map={ws.data: "/data", ws.runs: "/checkpoints"})
@@ -86,6 +87,34 @@ def test_volumes_are_pvcs_by_config_and_none_by_default(tmp_path):
     ]
     assert pod["containers"][0]["volumeMounts"] == [{"mountPath": "/data", "name": "data"}, {"mountPath": "/checkpoints", "name": "checkpoints"}]
     assert render.spec_of(job).outputs.workdir == "/checkpoints/r1/fit-objects"
+
+
+def test_trainer_pods_meet_pod_security_restricted_by_default(tmp_path):
+    job = render.render_stage(_spec(tmp_path))
+    for rs in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = rs["template"]["spec"]
+        psc = pod["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 10001 and psc["seccompProfile"] == {"type": "RuntimeDefault"}
+        (c,) = pod["containers"]
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["readOnlyRootFilesystem"] is True
+        assert {"mountPath": "/tmp", "name": "tmp"} in c["volumeMounts"] and {"emptyDir": {}, "name": "tmp"} in pod["volumes"]
+        assert {e["name"]: e["value"] for e in c["env"]}["HOME"] == "/tmp"
+
+
+def test_affinity_priority_extra_resources_and_placement_by_stage_kind(tmp_path):
+    k8s = make_config(tmp_path, executor={"kubernetes": {
+        "node_selector": {"pool": "gpu"}, "affinity": {"nodeAffinity": {"x": "y"}}, "priority_class_name": "training-high",
+        "extra_resources": {"rdma/ib": 1}, "placement_by_kind": {"evaluate": {"node_selector": {"pool": "cpu"}}}}}).executor.kubernetes
+    train = render.render_stage(_spec(tmp_path), k8s)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert train["nodeSelector"] == {"pool": "gpu"} and train["affinity"] == {"nodeAffinity": {"x": "y"}}
+    assert train["priorityClassName"] == "training-high"
+    res = train["containers"][0]["resources"]
+    assert res["requests"]["rdma/ib"] == "1" and res["limits"]["rdma/ib"] == "1"
+    evaluate = _spec(tmp_path).model_copy(update={"stage": "evaluate-parts", "name": "ev"})
+    pod = render.render_stage(evaluate, k8s)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "cpu"} and pod["affinity"] == {"nodeAffinity": {"x": "y"}}  # kind replaces, field by field
 
 
 def test_labels_and_annotations_identify_the_stage(tmp_path):

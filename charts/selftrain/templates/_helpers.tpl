@@ -125,7 +125,7 @@ trainer placement, gang scheduling).
 -}}
 {{- with .Values.trainers.shmSize }}{{ $_ := set $k8s "shm_size" . }}{{ end -}}
 {{- with .Values.trainers.env }}{{ $_ := set $k8s "env" . }}{{ end -}}
-{{- /* keys below need the KubernetesConfig fields of docs/production.md; written only when set */ -}}
+{{- /* trainer placement, priority and extra resources (KubernetesConfig in pipelines/config.py); written only when set */ -}}
 {{- with .Values.trainers.affinity }}{{ $_ := set $k8s "affinity" . }}{{ end -}}
 {{- with .Values.trainers.priorityClassName }}{{ $_ := set $k8s "priority_class_name" . }}{{ end -}}
 {{- with .Values.trainers.extraResources }}{{ $_ := set $k8s "extra_resources" . }}{{ end -}}
