@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-import torch.distributed as dist
 
 from contract.spec import StageSpec
 from contract.stages.pseudo_label import PseudoLabelParams
-from runtime_helpers import free_port, write_partworld
+from runtime_helpers import write_partworld
 from trainers.comm import Stats
 from trainers.data import shards
 from trainers.shardmap import MARKER_DIR, ShardMap, fingerprint
@@ -21,16 +20,6 @@ class Counted(Stats):
 
     images: int = 0
     proposals: int = 0
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port()), "TQDM_DISABLE": "1"}.items():
-        monkeypatch.setenv(key, value)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.fixture
