@@ -49,7 +49,9 @@ class Cluster:
 
     def can_i(self, namespace: str, who: str, verb: str, resource: str, *, all_namespaces: bool = False) -> bool:
         where = ["--all-namespaces"] if all_namespaces else ["-n", namespace]
-        p = self.kubectl("auth", "can-i", verb, resource, f"--as={who}", *where, check=False)
+        resource, _, sub = resource.partition("/")  # "pods/log": kubectl reads TYPE/NAME, a subresource needs its flag
+        sub_flag = [f"--subresource={sub}"] if sub else []
+        p = self.kubectl("auth", "can-i", verb, resource, *sub_flag, f"--as={who}", *where, check=False)
         return p.stdout.strip() == "yes"
 
     def new_namespace(self, prefix: str) -> str:
