@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from contract import stages as registry
-from pipelines.config import load_config
+from pipelines.config import KubernetesConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 MINE_KEYS = ", ".join(sorted(registry.STAGES["mine-parts"].params.model_fields))
@@ -48,7 +48,7 @@ CASES = {
     "kubernetes settings": (
         "pipeline: partdistillation\nexecutor:\n  kubernetes: {namespaces: x}\n",
         "executor.kubernetes.namespaces: unknown key",
-        "active_deadline_seconds, backoff_limit",
+        ", ".join(sorted(KubernetesConfig.model_fields)),
     ),
 }
 
