@@ -16,6 +16,11 @@ BASELINES = "casp-baselines"  # every model of the baseline rows
 Baseline = Literal["no_pretraining", "class_specific_pseudo_labels", "class_agnostic_gt"]
 
 
+def delta_tag(delta: float) -> str:
+    """A delta in stage names (Kubernetes-safe): 0.25 -> 'delta25'."""
+    return f"delta{round(delta * 100):02d}"
+
+
 class TrainSection(_Strict):
     """One training stage (an instance-teacher run): its trainer params."""
 
@@ -58,6 +63,11 @@ class CaspSection(_Strict):
     late_pretrain: TrainSection = Field(default_factory=TrainSection, description="The target detector h_T on D^p alone (eq. 4).")
     finetune: FinetuneSection = Field(default_factory=FinetuneSection, description="h_F: class-specific finetuning of h_T (eq. 5).")
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection, description="Mask AP and promotion.")
+    delta_sweep: list[float] = Field(
+        default_factory=list,
+        description="Table 7: extra pseudo-label -> late-pretrain chains, one per delta (e.g. [0.1, 0.2, 0.3, 0.4, 0.5]), "
+                    "each late-pretrained model scored by class-agnostic AP on the eval split; the report writes table7.md "
+                    "and table7.png. The main chain's delta is reused, not run twice. Empty: no sweep.")
     baselines: list[Baseline] = Field(
         default_factory=lambda: ["no_pretraining", "class_specific_pseudo_labels", "class_agnostic_gt"],
         description="Rows of Table 2 run beside CaSP: no_pretraining (finetune from random init), class_specific_pseudo_labels "
@@ -68,6 +78,11 @@ class CaspSection(_Strict):
     def _baselines_have_data(self) -> "CaspSection":
         if "class_agnostic_gt" in self.baselines and not self.unlabeled_gt:
             raise ValueError("baseline class_agnostic_gt needs casp.unlabeled_gt (the unlabeled images with their labels)")
+        bad = [d for d in self.delta_sweep if not 0 <= d < 1]
+        if bad:
+            raise ValueError(f"delta_sweep: every delta must be in [0, 1), got {bad}")
+        if len({delta_tag(d) for d in self.delta_sweep}) != len(self.delta_sweep):
+            raise ValueError(f"delta_sweep: deltas must differ in the second decimal (stage names use delta x 100), got {self.delta_sweep}")
         if len(set(self.baselines)) != len(self.baselines):
             raise ValueError(f"baselines named twice: {self.baselines}")
         return self

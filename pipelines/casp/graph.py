@@ -6,11 +6,13 @@ score > delta, on the unlabeled split) -> late-pretrain (instance-teacher on the
 is evaluated twice by evaluate-instances: on the val split (its promotion rule: the aliases move on a val metric) and
 on the eval split (the reported figures, no promotion). Baselines: no pretraining; class-specific pseudo-labels
 (Objects(P,S)); class-agnostic ground truth of the unlabeled split (Objects(G,A), an upper bound on the labels).
+With ``casp.delta_sweep``, Table 7: one more pseudo-label -> late-pretrain chain per delta from the same labeling
+detector, each scored on the eval split.
 """
 from __future__ import annotations
 
 from contract.spec import StageSpec
-from pipelines.casp.config import BASELINES, FINETUNED, LABELING, PRETRAINED, CaspConfig
+from pipelines.casp.config import BASELINES, FINETUNED, LABELING, PRETRAINED, CaspConfig, delta_tag
 
 # -- stage names: the graph and the report agree through these ---------------------------------
 EARLY, PSEUDO, LATE, FINETUNE = "early-pretrain", "pseudo-label", "late-pretrain", "finetune"
@@ -27,6 +29,17 @@ def val_stage(train: str) -> str:
 def eval_stage(train: str) -> str:
     """The eval-split (reported) evaluation of training stage ``train``."""
     return f"{train}-eval"
+
+
+def sweep_stages(cfg: CaspConfig) -> list[tuple[float, str, str]]:
+    """Table 7: (delta, pseudo-label stage, late-pretrain stage) per swept delta; the main chain's delta reuses it."""
+    out = []
+    for d in cfg.casp.delta_sweep:
+        if delta_tag(d) == delta_tag(cfg.casp.delta):
+            out.append((d, PSEUDO, LATE))
+        else:
+            out.append((d, f"{PSEUDO}-{delta_tag(d)}", f"{LATE}-{delta_tag(d)}"))
+    return out
 
 
 def table_rows(cfg: CaspConfig) -> list[tuple[str, str | None, str]]:
@@ -72,9 +85,9 @@ def build_stages(cfg: CaspConfig, run: str) -> list[StageSpec]:
                                         output_dataset=_out(cfg, run, f"predictions-{eval_stage(name)}")))
         return specs
 
-    def label(name: str, detector: str, out: str, class_agnostic: bool) -> StageSpec:
+    def label(name: str, detector: str, out: str, class_agnostic: bool, delta: float | None = None) -> StageSpec:
         return cfg.new_stage_spec(run, "detect-pseudo-label", name,
-                                  params={"delta": c.delta, "class_agnostic": class_agnostic, "augment": c.pseudo_label.augment,
+                                  params={"delta": c.delta if delta is None else delta, "class_agnostic": class_agnostic, "augment": c.pseudo_label.augment,
                                           **c.pseudo_label.params},
                                   datasets={"images": c.unlabeled}, models={"detector": f"stage:{detector}"},
                                   output_dataset=_out(cfg, run, out))
@@ -92,6 +105,15 @@ def build_stages(cfg: CaspConfig, run: str) -> list[StageSpec]:
               head_init=c.finetune.head_init),
         *evaluate(FINETUNE, promote=True),
     ]
+    for delta, pseudo, late in sweep_stages(cfg):  # Table 7: late-pretraining AP^e against delta
+        if pseudo == PSEUDO:
+            continue
+        specs += [
+            label(pseudo, EARLY, f"pseudo-labels-{delta_tag(delta)}", agnostic, delta=delta),
+            train(late, c.late_pretrain.params, {"train": _out(cfg, run, f"pseudo-labels-{delta_tag(delta)}")}, BASELINES,
+                  class_agnostic=agnostic, targets="pseudo_labels"),
+            *evaluate(late, promote=False),
+        ]
     b = c.baselines
     if "no_pretraining" in b or "class_specific_pseudo_labels" in b:
         # no pretraining: the finetuning recipe from random init; also the class-specific labeling detector of (P,S)

@@ -2,12 +2,11 @@
 reported split) and a bar plot of the finetuned models."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from contract.io import atomic_open
+from contract.io import atomic_open, write_json
 from pipelines.casp import graph
-from pipelines.casp.config import CaspConfig
+from pipelines.casp.config import CaspConfig, delta_tag
 
 COLUMNS = ("pretrained AP^seg-a", "pretrained AP^seg", "finetuned AP^seg", "finetuned AP^seg-a")
 
@@ -34,6 +33,46 @@ def table(outcomes: list[Any], cfg: CaspConfig) -> list[tuple[str, dict[str, flo
             COLUMNS[3]: float(fin.get("eval/mask_AP_agnostic", nan)),
         }))
     return rows
+
+
+def sweep_table(outcomes: list[Any], cfg: CaspConfig) -> list[dict[str, float]]:
+    """Table 7 rows: per delta, the pseudo-labels it kept and the late-pretrained model's AP^seg-a on the eval split."""
+    by_name = {o.name: o for o in outcomes}
+    nan = float("nan")
+    rows = []
+    for delta, pseudo, late in graph.sweep_stages(cfg):
+        p, e = _metrics(by_name, pseudo), _metrics(by_name, graph.eval_stage(late))
+        rows.append({"delta": delta, "pseudo-labels": float(p.get("pseudo/labels", nan)),
+                     "images kept": float(p.get("pseudo/images", nan) - p.get("pseudo/images_without_labels", nan)),
+                     "late-pretrain AP^seg-a": float(e.get("eval/mask_AP_agnostic", nan))})
+    return rows
+
+
+def format_sweep(rows: list[dict[str, float]]) -> str:
+    lines = ["| score threshold (delta) | " + " | ".join(f"{r['delta']:g}" for r in rows) + " |",
+             "| --- |" + " ---: |" * len(rows)]
+    for key in ("pseudo-labels", "images kept"):
+        lines.append(f"| {key} | " + " | ".join("-" if r[key] != r[key] else str(int(r[key])) for r in rows) + " |")
+    lines.append("| late-pretraining AP^seg-a (%) | " + " | ".join(_pct(r["late-pretrain AP^seg-a"]) for r in rows) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict[str, float]], out_png) -> Any:
+    """Late-pretraining class-agnostic AP against delta (Table 7 as a line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["delta"] for r in rows], [100 * r["late-pretrain AP^seg-a"] for r in rows], marker="o")
+    ax.set(xlabel="score threshold delta", ylabel="AP^seg-a (%)", title="Late pretraining vs delta (eval split)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+    return out_png
 
 
 def _pct(v: float) -> str:
@@ -83,15 +122,27 @@ def write_report(cfg: CaspConfig, result: Any, lineage: Any) -> str:
         text += (f"\npseudo-labels (delta={cfg.casp.delta:g}): {int(pseudo.get('pseudo/labels', 0))} on "
                  f"{int(pseudo.get('pseudo/images', 0) - pseudo.get('pseudo/images_without_labels', 0))} of "
                  f"{int(pseudo.get('pseudo/images', 0))} images ({int(pseudo.get('pseudo/images_without_labels', 0))} without one, dropped)")
-    (report_dir / "tables.md").write_text(text + "\n")
+    sweep = sweep_table(result.stages, cfg) if cfg.casp.delta_sweep else []
+    if sweep:
+        text += "\n\nTable 7 layout (late pretraining on the pseudo-labels of each delta, eval split)\n" + format_sweep(sweep)
+    with atomic_open(report_dir / "tables.md", "w") as f:
+        f.write(text + "\n")
     png = plot(rows, report_dir / "table2.png")
     lineage.client.log_artifact(result.mlflow_run_id, str(report_dir / "tables.md"), "report")
     lineage.client.log_artifact(result.mlflow_run_id, str(png), "report")
+    if sweep:
+        sweep_png = plot_sweep(sweep, report_dir / "table7.png")
+        lineage.client.log_artifact(result.mlflow_run_id, str(sweep_png), "report")
+        for r in sweep:
+            if r["late-pretrain AP^seg-a"] == r["late-pretrain AP^seg-a"]:
+                lineage.client.log_metric(result.mlflow_run_id, f"table7.{delta_tag(r['delta'])}.late_pretrain_APseg-a",
+                                          r["late-pretrain AP^seg-a"])
     for label, vals in rows:
         key = label.split(" ")[0].replace("(", "_").replace(")", "").replace(",", "")
         for col, v in vals.items():
             if v == v:
                 lineage.client.log_metric(result.mlflow_run_id, f"table2.{key}.{col.replace(' ', '_').replace('^', '')}", v)
-    (report_dir / "summary.json").write_text(json.dumps({"run": result.run, "mlflow_run_id": result.mlflow_run_id,
-                                                        "table2": {label: vals for label, vals in rows}}, indent=2))
-    return "\n".join([text, "", f"plot: {png}", f"report folder: {report_dir}"])
+    write_json(report_dir / "summary.json", {"run": result.run, "mlflow_run_id": result.mlflow_run_id,
+                                             "table2": {label: vals for label, vals in rows}, "table7": sweep})
+    plots = f"plots: {png}, {report_dir / 'table7.png'}" if sweep else f"plot: {png}"
+    return "\n".join([text, "", plots, f"report folder: {report_dir}"])

@@ -97,3 +97,44 @@ def test_casp_runs_end_to_end_and_promotes_on_val(tmp_path: Path) -> None:
     results = json.loads((preds / "results.json").read_text())
     assert len(results) == metrics("finetune-eval")["eval/predictions"] > 0
     assert yaml.safe_load(preds.with_name("predictions-finetune-eval.dvc").read_text())["outs"][0]["md5"].endswith(".dir")
+
+
+def test_the_delta_sweep_adds_one_chain_per_delta_and_reuses_the_main_one(tmp_path: Path) -> None:
+    """Table 7: configs/casp-delta-sweep.yaml builds a pseudo-label -> late-pretrain -> eval chain per delta from the
+    one labeling detector; the main chain's delta is not run twice; the report's table reads each chain's stages."""
+    from types import SimpleNamespace
+
+    from pipelines.casp import graph, report
+    from pipelines.config import load_config
+
+    cfg = load_config(REPO / "configs" / "casp-delta-sweep.yaml")
+    specs = {s.name: s for s in cfg.stage_specs("sweep")}
+    chains = graph.sweep_stages(cfg)
+    assert [d for d, _, _ in chains] == [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert chains[1] == (0.2, graph.PSEUDO, graph.LATE)
+    assert "pseudo-label-delta20" not in specs and "late-pretrain-delta20" not in specs
+    for delta, pseudo, late in chains:
+        assert specs[pseudo].params["delta"] == delta and specs[pseudo].inputs.models["detector"].uri == f"stage:{graph.EARLY}"
+        assert specs[late].inputs.datasets["train"].path == specs[pseudo].outputs.dataset
+        if late != graph.LATE:  # the sweep's models are scored on eval and never promoted
+            assert specs[graph.eval_stage(late)].promotion is None and graph.val_stage(late) not in specs
+
+    outcomes = [SimpleNamespace(name=pseudo, result={"metrics": {"pseudo/labels": 10 * i, "pseudo/images": 20,
+                                                                  "pseudo/images_without_labels": i}})
+                for i, (_, pseudo, _) in enumerate(chains)]
+    outcomes += [SimpleNamespace(name=graph.eval_stage(late), result={"metrics": {"eval/mask_AP_agnostic": 0.1 * i}})
+                 for i, (_, _, late) in enumerate(chains)]
+    rows = report.sweep_table(outcomes, cfg)
+    assert [r["images kept"] for r in rows] == [20, 19, 18, 17, 16]
+    text = report.format_sweep(rows)
+    assert "| late-pretraining AP^seg-a (%) | 0.0 | 10.0 | 20.0 | 30.0 | 40.0 |" in text
+    assert report.plot_sweep(rows, tmp_path / "t7.png").stat().st_size > 0
+
+
+def test_a_delta_sweep_with_deltas_that_share_a_stage_name_is_refused(tmp_path: Path) -> None:
+    cfg = yaml.safe_load((REPO / "configs" / "casp-delta-sweep.yaml").read_text())
+    cfg["casp"]["delta_sweep"] = [0.2, 0.201]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "render", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "m")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "delta_sweep" in proc.stderr + proc.stdout
