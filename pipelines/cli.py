@@ -76,6 +76,8 @@ def data_generate(
     """Generate the built-in PartWorld dataset as shards and version it with DVC."""
     from pipelines import data
 
+    if version:  # a path DVC cannot track fails before anything is generated
+        _guard(data.versioning_root, _track_target(output), Path.cwd())
     idx = _guard(data.generate_partworld, output, config, shard_size=shard_size, limit=limit)
     for split, i in idx.items():
         out.print(f"{split}: {i.num_samples} samples in {len(i.shards)} shard(s) -> {output / split}")
@@ -103,7 +105,7 @@ def data_push(paths: list[Path] = typer.Argument(None, help="Tracked directories
     from pipelines import dvc
 
     targets = paths or [Path("data")]
-    _guard(dvc.push, targets, dvc.find_root(Path.cwd()), remote)
+    _guard(dvc.push, targets, None, remote)
     out.print(f"pushed {', '.join(map(str, targets))}")
 
 
@@ -113,7 +115,7 @@ def data_pull(paths: list[Path] = typer.Argument(None, help="Tracked directories
     from pipelines import dvc
 
     targets = paths or [Path("data")]
-    _guard(dvc.pull, targets, dvc.find_root(Path.cwd()), remote)
+    _guard(dvc.pull, targets, None, remote)
     out.print(f"pulled {', '.join(map(str, targets))}")
 
 
@@ -126,7 +128,7 @@ def data_checkout(
     """Reproduce any dataset version by its hash (byte-identical shards)."""
     from pipelines import dvc
 
-    v = _guard(dvc.checkout_version, md5, output, dvc.find_root(Path.cwd()), remote)
+    v = _guard(dvc.checkout_version, md5, output, None, remote)
     out.print(f"{v.md5} -> {output} ({v.nfiles} files)")
 
 

@@ -75,9 +75,13 @@ def _yaml_dump(data: dict) -> str:
 
 
 def version(path: str | Path, root: str | Path | None = None, remote: str | None = None, push: bool = False) -> dvc.DataVersion:
-    """Track a dataset directory with DVC (``<path>.dvc`` beside it) and optionally push it."""
+    """Track a dataset directory with DVC (``<path>.dvc`` beside it) and optionally push it.
+
+    ``path`` is absolute or relative to the cwd; it is versioned in the DVC repository holding it, else in ``root``
+    (default: the cwd), which becomes a git + DVC repository first when it is none.
+    """
     path = Path(path)
-    root = Path(root) if root else _repo_root_for(path)
+    root = versioning_root(path, root)
     dvc.ensure_repo(root, remote=remote) if not (root / ".dvc").is_dir() else None
     v = dvc.add(path, root)
     if push:
@@ -85,11 +89,18 @@ def version(path: str | Path, root: str | Path | None = None, remote: str | None
     return v
 
 
-def _repo_root_for(path: Path) -> Path:
-    try:
-        return dvc.find_root(path)
-    except dvc.DvcError:
-        return Path.cwd()
+def versioning_root(path: str | Path, root: str | Path | None = None) -> Path:
+    """The repository :func:`version` would track ``path`` in, or a ``DvcError`` saying what to do when DVC cannot
+    track it there (checked before a command writes anything)."""
+    found = Path(root or Path.cwd()).resolve()
+    for where in (path, found):
+        try:
+            found = dvc.find_root(where)
+            break
+        except dvc.DvcError:
+            continue
+    dvc.check_trackable(path, found)
+    return found
 
 
 def show(path: str | Path, out_png: str | Path, n: int = 16, cols: int = 4) -> Path:

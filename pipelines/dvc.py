@@ -6,13 +6,14 @@ version can be checked out again by that hash alone, from the cache or the remot
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -56,12 +57,59 @@ def git(root: str | Path, *args: str) -> str:
 
 
 def find_root(path: str | Path) -> Path:
-    """The DVC repository (a directory holding ``.dvc/``) containing ``path``."""
+    """The DVC repository (a directory holding ``.dvc/``) containing ``path`` (absolute or relative to the cwd)."""
     p = Path(path).resolve()
     for d in [p, *p.parents]:
         if (d / ".dvc").is_dir():
             return d
-    raise DvcError(f"{path}: not inside a DVC repository (run `selftrain data init` or `dvc init` first)")
+    raise DvcError(f"{path}: not inside a DVC repository; run the command inside the project that tracks it "
+                   f"(cd <project>), or make one here with `git init && dvc init`")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_trackable(path: str | Path, root: str | Path) -> Path:
+    """``path`` resolved, or a :class:`DvcError` saying what to do when DVC cannot track it in repository ``root``.
+
+    DVC tracks only directories strictly inside its repository, outside its own and git's metadata, and not
+    inside a directory it already tracks as a whole (``data/`` by ``data.dvc``).
+    """
+    path, root = Path(path).resolve(), Path(root).resolve()
+    if path == root:
+        raise DvcError(f"{path}: is the DVC repository itself; version a dataset directory inside it "
+                       f"(e.g. {root / 'data' / '<name>'})")
+    if not _inside(path, root):
+        raise DvcError(f"{path}: outside the DVC repository {root} (DVC tracks only directories inside its "
+                       f"repository): move or copy it under {root} (e.g. {root / 'data' / path.name}) and version "
+                       f"that, or run the command in a project around it (`git init && dvc init` in {path.parent})")
+    rel = path.relative_to(root)
+    if rel.parts[0] in (".dvc", ".git"):
+        raise DvcError(f"{path}: inside {root / rel.parts[0]}, the repository's own metadata; put datasets "
+                       f"elsewhere in {root} (e.g. {root / 'data' / path.name})")
+    for d in path.parents:
+        if d == root:
+            break
+        if d.with_name(d.name + ".dvc").is_file():
+            raise DvcError(f"{path}: inside {d}, which {d.name}.dvc tracks as a whole; version {d} instead "
+                           f"(`selftrain data version {d}`), or move {path.name} out of it")
+    return path
+
+
+def _targets_by_root(targets: list[str | Path], root: str | Path | None) -> dict[Path, list[str]]:
+    """Targets (absolute or relative to the cwd) grouped by their DVC repository, as paths relative to it.
+
+    ``root`` given: every target must lie in it; otherwise each target's own repository is used.
+    """
+    groups: dict[Path, list[str]] = {}
+    for t in targets:
+        path = Path(t).resolve()
+        r = Path(root).resolve() if root else find_root(path)
+        if not _inside(path, r) or path == r:
+            check_trackable(path, r)  # raises, saying what to do
+        groups.setdefault(r, []).append(str(path.relative_to(r)))
+    return groups
 
 
 @contextmanager
@@ -136,6 +184,7 @@ def add(path: str | Path, root: str | Path | None = None) -> DataVersion:
     if not path.is_dir():
         raise DvcError(f"{path}: no such dataset directory")
     root = Path(root).resolve() if root else find_root(path)
+    check_trackable(path, root)
     with repo_lock(root):
         dvc(root, "add", "-q", str(path.relative_to(root)))
         return _read_dvc_file(path.with_name(path.name + ".dvc"))
@@ -165,11 +214,11 @@ def dataset_hash(path: str | Path) -> str:
     return obj.hash_info.value
 
 
-def push(targets: list[str | Path], root: str | Path, remote: str | None = None) -> None:
-    """Upload tracked datasets to the remote (default remote unless named)."""
-    args = ["push", "-q"] + (["-r", remote] if remote else []) + [str(Path(t).resolve().relative_to(Path(root).resolve())) for t in targets]
-    with repo_lock(root):
-        dvc(root, *args)
+def push(targets: list[str | Path], root: str | Path | None = None, remote: str | None = None) -> None:
+    """Upload tracked datasets to the remote (default remote unless named); without ``root``, each target's repository's."""
+    for r, rel in _targets_by_root(targets, root).items():
+        with repo_lock(r):
+            dvc(r, "push", "-q", *(["-r", remote] if remote else []), *rel)
 
 
 def version_output(path: str | Path, default_root: str | Path | None = None, remote: str | None = None) -> DataVersion:
@@ -191,46 +240,81 @@ def version_output(path: str | Path, default_root: str | Path | None = None, rem
     return version
 
 
-def pull(targets: list[str | Path], root: str | Path, remote: str | None = None) -> None:
-    """Download tracked datasets (by their .dvc files) from the remote and check them out."""
-    args = ["pull", "-q", "--force"] + (["-r", remote] if remote else []) + [str(Path(t).resolve().relative_to(Path(root).resolve())) for t in targets]
-    dvc(root, *args)
+def pull(targets: list[str | Path], root: str | Path | None = None, remote: str | None = None) -> None:
+    """Download tracked datasets (by their .dvc files) from the remote and check them out; without ``root``, each
+    target from its own repository."""
+    for r, rel in _targets_by_root(targets, root).items():
+        dvc(r, "pull", "-q", "--force", *(["-r", remote] if remote else []), *rel)
 
 
-def checkout_version(md5: str, out: str | Path, root: str | Path, remote: str | None = None) -> DataVersion:
+def checkout_version(md5: str, out: str | Path, root: str | Path | None = None, remote: str | None = None) -> DataVersion:
     """Materialise dataset version ``md5`` (``<hash>.dir``) at ``out`` (byte-identical to when it was added).
 
-    Works from the hash alone: a throw-away .dvc file naming the hash is pulled (local cache first,
-    then the remote) and then removed, so ``out`` is left as a plain directory, not tracked.
+    ``out`` may be anywhere, absolute or relative to the cwd: inside the project, inside a directory DVC tracks, or
+    outside the repository (a scratch disk). Works from the hash alone: a throw-away .dvc file naming the hash is
+    pulled (local cache first, then the remote) into a temporary directory inside the repository ``root`` (default:
+    the one holding the cwd, else the one holding ``out``), then moved to ``out`` in one rename (copied beside it
+    first when ``out`` is on another file system), so ``out`` is a plain, untracked directory or absent.
     """
-    root = Path(root).resolve()
     out = Path(out).resolve()
+    root = Path(root).resolve() if root else _checkout_root(out)
     if not md5.endswith(".dir"):
         md5 = md5 + ".dir"
     if out.exists():
         raise DvcError(f"{out}: already exists; choose an empty path to check version {md5} out into")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    dvc_file = out.with_name(out.name + ".dvc")
-    dvc_file.write_text(yaml.safe_dump({"outs": [{"md5": md5, "hash": "md5", "path": out.name}]}))
+    if _inside(out, root) and out.relative_to(root).parts[:1] in ((".dvc",), (".git",)):
+        check_trackable(out, root)  # raises: not inside the repository's metadata
+    stage = Path(tempfile.mkdtemp(prefix=".selftrain-checkout-", dir=root))
+    pulled = stage / "version"
     try:
-        rel = str(dvc_file.relative_to(root))
-        dvc(root, "pull", "-q", *(["-r", remote] if remote else []), rel)
-        version = DataVersion(path=str(out), md5=md5, dvc_file="", nfiles=sum(1 for p in out.rglob("*") if p.is_file()),
-                              size=sum(p.stat().st_size for p in out.rglob("*") if p.is_file()))
-    except DvcError:
-        if out.exists():
-            shutil.rmtree(out)
-        raise
+        (stage / "version.dvc").write_text(yaml.safe_dump({"outs": [{"md5": md5, "hash": "md5", "path": "version"}]}))
+        with repo_lock(root):
+            dvc(root, "pull", "-q", *(["-r", remote] if remote else []), str((stage / "version.dvc").relative_to(root)))
+        # DVC may link from its cache; make files plain and writable copies so edits cannot corrupt the cache.
+        for p in pulled.rglob("*"):
+            if p.is_file() and (p.is_symlink() or not os.access(p, os.W_OK)):
+                data = p.read_bytes()
+                p.unlink()
+                p.write_bytes(data)
+        _publish_dir(pulled, out)
     finally:
-        dvc_file.unlink(missing_ok=True)
-        gi = out.parent / ".gitignore"  # dvc pull adds the output to .gitignore; undo that for a plain checkout
-        if gi.exists():
-            lines = [ln for ln in gi.read_text().splitlines() if ln.strip() != f"/{out.name}"]
-            gi.write_text("\n".join(lines) + ("\n" if lines else "")) if lines else gi.unlink()
-    # DVC may link from its cache; make files plain and writable copies so edits cannot corrupt the cache.
-    for p in out.rglob("*"):
-        if p.is_file() and (p.is_symlink() or not os.access(p, os.W_OK)):
-            data = p.read_bytes()
-            p.unlink()
-            p.write_bytes(data)
-    return version
+        shutil.rmtree(stage, ignore_errors=True)
+        _unstage(root, stage)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    return DataVersion(path=str(out), md5=md5, dvc_file="", nfiles=len(files), size=sum(p.stat().st_size for p in files))
+
+
+def _checkout_root(out: Path) -> Path:
+    """The repository whose cache and remote a checkout reads: the cwd's, else the one around ``out``."""
+    for where in (Path.cwd(), out):
+        try:
+            return find_root(where)
+        except DvcError:
+            continue
+    raise DvcError(f"{Path.cwd()}: not inside a DVC repository, nor is {out}; run the checkout inside the project "
+                   f"whose DVC cache or remote holds the version (cd <project>; -o may point anywhere)")
+
+
+def _publish_dir(src: Path, out: Path) -> None:
+    """Move directory ``src`` to ``out`` in one rename; across file systems, copy beside ``out`` first, then rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(src, out)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise DvcError(f"{out}: could not move the checked-out version there ({e})") from e
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copytree(src, tmp)
+        os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DvcError(f"{out}: could not copy the checked-out version there ({e})") from e
+
+
+def _unstage(root: Path, stage: Path) -> None:
+    """Drop anything DVC's autostage put in git's index from the throw-away checkout folder (its .gitignore)."""
+    if (root / ".git").is_dir():
+        with suppress(DvcError):
+            git(root, "rm", "-r", "-q", "--cached", "--ignore-unmatch", "--", str(stage.relative_to(root)))
