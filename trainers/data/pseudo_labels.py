@@ -81,7 +81,8 @@ class PseudoLabelCounts(Stats):
     predictions: int = 0
     labels: int = 0
     gt_objects_dropped: int = 0  # ground-truth objects of the input records, never copied
-    forward_s: float = 0.0
+    forward_s: float = 0.0  # the detector's forward pass (predict: forward + mask post-processing)
+    load_s: float = 0.0  # loading the detector (once per rank; outside the labeling loop)
     score_0: int = 0
     score_1: int = 0
     score_2: int = 0

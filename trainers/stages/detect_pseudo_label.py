@@ -30,7 +30,9 @@ def run(spec: StageSpec):
     index_to_cat = None if p.class_agnostic else {i: int(c["id"]) for i, c in enumerate(sm.index.categories)}
 
     def samples(counts: PseudoLabelCounts):
+        t_load = time.perf_counter()
         detector = load_model_input(spec, "detector", d.device)
+        counts.load_s += time.perf_counter() - t_load
         for keys, blobs, records in iter_batches(sm.images, p.batch_size, rank=d.rank, world_size=d.world_size, decode=False):
             images = [augment(shards.decode_image(b, key=k), k, p.augment, p.seed) for k, b in zip(keys, blobs)]
             t0 = time.perf_counter()
@@ -55,8 +57,11 @@ def run(spec: StageSpec):
         if total.labels == 0:  # every rank raises: nothing waits on a collective
             raise EmptyPseudoLabels(empty_message(p.delta, total))
         out = total.as_metrics()
+        # the labeling loop: every rank's wall time less its detector load; outside forward = decode, augment,
+        # RLE-encode, write shards, publish (docs/architecture.md "Scale")
+        loop_s = max(wall * d.world_size - total.load_s, 1e-9)
         out["pseudo/images_per_s"] = total.images / max(wall, 1e-9)
-        out["pseudo/share_outside_forward"] = max(0.0, 1.0 - total.forward_s / max(wall * d.world_size, 1e-9))
+        out["pseudo/share_outside_forward"] = max(0.0, 1.0 - total.forward_s / loop_s)
         if merged is not None:
             out["pseudo/bytes_per_sample"] = sum(
                 f.stat().st_size for f in sm.out.rglob("*") if f.is_file()) / max(1, merged.num_samples)
