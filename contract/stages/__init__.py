@@ -116,7 +116,7 @@ def params_of(spec: Any) -> Params:
 
 _MODULES = ("fit_objects", "instance_teacher", "mine_parts", "train_proposals", "evaluate_proposals", "pseudo_label",
             "rank_parts", "train_ranker", "rank_pseudo_label", "evaluate_parts", "cluster_pixels",
-            "detect_pseudo_label", "evaluate_instances",
+            "detect_pseudo_label", "evaluate_instances", "join_datasets",
             "slotcon", "leopart", "evaluate_representation")
 
 

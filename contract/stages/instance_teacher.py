@@ -39,10 +39,12 @@ class InstanceTeacherParams(TrainParams):
     class_agnostic: bool = Field(
         default=False,
         description="alpha(.) of CaSP eq. 1: every object class maps to one class-free 'object' (decoder.num_classes 1).")
-    targets: Literal["objects", "pseudo_labels"] = Field(
+    targets: Literal["objects", "pseudo_labels", "joint"] = Field(
         default="objects",
         description="objects: the records' ground truth; pseudo_labels: the records' proposals of a detect-pseudo-label "
-                    "dataset, and a record with ground-truth objects is an error (CaSP late pretraining, eq. 4).")
+                    "dataset, and a record with ground-truth objects is an error (CaSP late pretraining, eq. 4); joint: "
+                    "each record's ground truth when it has any, else its pseudo-labels (a join-datasets output: joint "
+                    "self-training, CaSP Table 6).")
     head_init: Literal["random", "agnostic"] = Field(
         default="random",
         description="With model input init whose class count differs: the class head keeps its random init, or every "

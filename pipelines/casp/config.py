@@ -13,7 +13,7 @@ PRETRAINED = "casp-pretrained"  # h_T (late pretraining)
 FINETUNED = "casp-finetuned"  # h_F (finetuning)
 BASELINES = "casp-baselines"  # every model of the baseline rows
 
-Baseline = Literal["no_pretraining", "class_specific_pseudo_labels", "class_agnostic_gt"]
+Baseline = Literal["no_pretraining", "class_specific_pseudo_labels", "class_agnostic_gt", "joint_self_training"]
 
 
 def delta_tag(delta: float) -> str:
@@ -72,7 +72,9 @@ class CaspSection(_Strict):
         default_factory=lambda: ["no_pretraining", "class_specific_pseudo_labels", "class_agnostic_gt"],
         description="Rows of Table 2 run beside CaSP: no_pretraining (finetune from random init), class_specific_pseudo_labels "
                     "(Objects(P,S): the no-pretraining model labels, pretrain on its classes), class_agnostic_gt (Objects(G,A): "
-                    "pretrain on the unlabeled split's ground truth under alpha; needs unlabeled_gt).")
+                    "pretrain on the unlabeled split's ground truth under alpha; needs unlabeled_gt), joint_self_training (Table 6's "
+                    "self-training: one class-specific model from random init on the labeled split joined with the "
+                    "no-pretraining model's class-specific pseudo-labels, ground truth where a record has it).")
 
     @model_validator(mode="after")
     def _baselines_have_data(self) -> "CaspSection":

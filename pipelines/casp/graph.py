@@ -5,7 +5,8 @@ score > delta, on the unlabeled split) -> late-pretrain (instance-teacher on the
 (instance-teacher from the late-pretrained weights, class-specific, on the labeled split). Every trained target model
 is evaluated twice by evaluate-instances: on the val split (its promotion rule: the aliases move on a val metric) and
 on the eval split (the reported figures, no promotion). Baselines: no pretraining; class-specific pseudo-labels
-(Objects(P,S)); class-agnostic ground truth of the unlabeled split (Objects(G,A), an upper bound on the labels).
+(Objects(P,S)); class-agnostic ground truth of the unlabeled split (Objects(G,A), an upper bound on the labels);
+joint self-training on the labeled split joined with class-specific pseudo-labels (Table 6's self-training).
 With ``casp.delta_sweep``, Table 7: one more pseudo-label -> late-pretrain chain per delta from the same labeling
 detector, each scored on the eval split.
 """
@@ -19,6 +20,7 @@ EARLY, PSEUDO, LATE, FINETUNE = "early-pretrain", "pseudo-label", "late-pretrain
 NO_PRETRAINING = "no-pretraining"
 SPECIFIC_PSEUDO, SPECIFIC_PRETRAIN, SPECIFIC_FINETUNE = "specific-pseudo-label", "specific-pretrain", "specific-finetune"
 GT_PRETRAIN, GT_FINETUNE = "gt-pretrain", "gt-finetune"
+JOINT_DATA, JOINT = "joint-data", "joint-self-training"
 
 
 def val_stage(train: str) -> str:
@@ -52,6 +54,8 @@ def table_rows(cfg: CaspConfig) -> list[tuple[str, str | None, str]]:
         rows.append(("Objects(G,A)", GT_PRETRAIN, GT_FINETUNE))
     if "class_specific_pseudo_labels" in b:
         rows.append(("Objects(P,S)", SPECIFIC_PRETRAIN, SPECIFIC_FINETUNE))
+    if "joint_self_training" in b:
+        rows.append(("self-training: D^t + (P,S)", None, JOINT))
     rows.append(("Objects(P,A) = CaSP" if cfg.casp.alpha == "object" else "Objects(P,S) via alpha=identity", LATE, FINETUNE))
     return rows
 
@@ -115,12 +119,22 @@ def build_stages(cfg: CaspConfig, run: str) -> list[StageSpec]:
             *evaluate(late, promote=False),
         ]
     b = c.baselines
-    if "no_pretraining" in b or "class_specific_pseudo_labels" in b:
+    specific = "class_specific_pseudo_labels" in b or "joint_self_training" in b
+    if "no_pretraining" in b or specific:
         # no pretraining: the finetuning recipe from random init; also the class-specific labeling detector of (P,S)
         specs += [train(NO_PRETRAINING, c.finetune.params, {"train": c.labeled}, BASELINES), *evaluate(NO_PRETRAINING, False)]
+    if specific:
+        specs.append(label(SPECIFIC_PSEUDO, NO_PRETRAINING, "pseudo-labels-specific", False))
+    if "joint_self_training" in b:  # Table 6's self-training: D^t and the class-specific D^p in one training
+        specs += [
+            cfg.new_stage_spec(run, "join-datasets", JOINT_DATA, datasets={"images": c.labeled,
+                                                                           "extra": _out(cfg, run, "pseudo-labels-specific")},
+                               output_dataset=_out(cfg, run, "joint-data")),
+            train(JOINT, c.finetune.params, {"train": _out(cfg, run, "joint-data")}, BASELINES, targets="joint"),
+            *evaluate(JOINT, False),
+        ]
     if "class_specific_pseudo_labels" in b:
         specs += [
-            label(SPECIFIC_PSEUDO, NO_PRETRAINING, "pseudo-labels-specific", False),
             train(SPECIFIC_PRETRAIN, c.late_pretrain.params, {"train": _out(cfg, run, "pseudo-labels-specific")}, BASELINES,
                   targets="pseudo_labels"),
             *evaluate(SPECIFIC_PRETRAIN, False),

@@ -138,3 +138,26 @@ def test_a_delta_sweep_with_deltas_that_share_a_stage_name_is_refused(tmp_path: 
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "render", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "m")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0 and "delta_sweep" in proc.stderr + proc.stdout
+
+
+def test_joint_self_training_joins_the_labeled_split_with_class_specific_pseudo_labels(tmp_path: Path) -> None:
+    """Table 6's self-training row: the no-pretraining model's class-specific pseudo-labels joined with D^t, one model
+    trained from random init with targets joint, scored on eval only (never promoted)."""
+    from pipelines.casp import graph
+    from pipelines.config import load_config
+
+    cfg = yaml.safe_load((REPO / "configs" / "casp-demo.yaml").read_text())
+    cfg["casp"]["baselines"] = ["joint_self_training"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    loaded = load_config(tmp_path / "c.yaml")
+    specs = {s.name: s for s in loaded.stage_specs("j")}
+    pseudo = specs[graph.SPECIFIC_PSEUDO]
+    assert pseudo.params["class_agnostic"] is False and pseudo.inputs.models["detector"].uri == f"stage:{graph.NO_PRETRAINING}"
+    join = specs[graph.JOINT_DATA]
+    assert join.stage == "join-datasets" and join.inputs.datasets["extra"].path == pseudo.outputs.dataset
+    assert join.inputs.datasets["images"].path.endswith("casp-demo/labeled")
+    joint = specs[graph.JOINT]
+    assert joint.params["targets"] == "joint" and joint.inputs.datasets["train"].path == join.outputs.dataset
+    assert not joint.inputs.models and graph.val_stage(graph.JOINT) not in specs and graph.eval_stage(graph.JOINT) in specs
+    assert graph.SPECIFIC_PRETRAIN not in specs  # the (P,S) pretraining row is its own baseline
+    assert ("self-training: D^t + (P,S)", None, graph.JOINT) in graph.table_rows(loaded)

@@ -63,11 +63,25 @@ def pseudo_label_targets(record: dict, labels: dict[int, int] | None) -> dict[st
     return {"labels": torch.tensor(cls, dtype=torch.int64), "masks": masks_tensor([p["segmentation"] for p in proposals], h, w)}
 
 
+def joint_targets(record: dict, labels: dict[int, int], pseudo_labels: dict[int, int] | None) -> dict[str, Tensor]:
+    """Joint self-training (labeled + pseudo-labeled, CaSP Table 6): a record with ground-truth objects trains on them,
+    one without on its pseudo-labels (``proposals``); never both, so a pseudo-label never overrides a ground truth."""
+    if record.get("objects"):
+        return object_targets(record, labels)
+    return pseudo_label_targets(record, pseudo_labels)
+
+
 def training_targets(targets: str, labels: dict[int, int], class_agnostic: bool):
-    """The engine's target function: ground-truth ``objects`` or ``pseudo_labels``, through alpha when class-agnostic.
-    The default (objects, class-specific) is exactly ``object_targets`` with the dataset's labels."""
+    """The engine's target function: ground-truth ``objects``, ``pseudo_labels`` or ``joint`` (each record its ground
+    truth if it has any, else its pseudo-labels), through alpha when class-agnostic. The default (objects,
+    class-specific) is exactly ``object_targets`` with the dataset's labels."""
     if targets == "objects":
         return functools.partial(object_targets, labels=alpha(labels) if class_agnostic else labels)
+    if targets == "joint":
+        return functools.partial(joint_targets, labels=alpha(labels) if class_agnostic else labels,
+                                 pseudo_labels=None if class_agnostic else labels)
+    if targets != "pseudo_labels":
+        raise ValueError(f"unknown targets {targets!r}: use objects, pseudo_labels or joint")
     return functools.partial(pseudo_label_targets, labels=None if class_agnostic else labels)
 
 
