@@ -31,6 +31,13 @@ class InstanceTeacherParams(TrainParams):
                     "('timm', a URL or a file) initialises the backbone (the paper imports a Detic-trained Mask2Former, sec. 4.1).")
     flip_prob: float = Field(default=0.5, ge=0, le=1, description="Horizontal flip probability (augmentation).")
     eval_batch_size: int = Field(default=16, ge=1, description="Images per inference batch of the mask-AP evaluation.")
+    encoder: str | None = Field(
+        default=None,
+        description="Pretrained encoder backbone (issue 14: the pipelines start from a learned representation): "
+                    "models:/<name>@<alias> or models:/<name>/<version> (e.g. models:/dense-slotcon@champion), a local file "
+                    "or http(s) URL (a representation file, whose timm_name becomes model.encoder.backbone, or a timm-format "
+                    "state_dict), 'timm' (timm's hub weights of model.encoder.backbone) or 'timm:<name>' (the hub weights of "
+                    "<name>, which becomes the backbone). A stage:<name> reference goes in the model input encoder.")
     import_from: str | None = Field(
         default=None,
         description="A segmenter file to use instead of training: local path, models:/<name>@<alias> or http(s) URL "
@@ -62,7 +69,9 @@ DEFINITION = StageDefinition(
     datasets={"train": "Shards with object labels to train on (not read when the teacher is imported).",
               "eval": "Shards whose objects the teacher is evaluated on (COCOeval segm)."},
     models={"import_from": "A segmenter file to import instead of training (as params.import_from).",
-            "init": "A segmenter whose weights the training starts from (same architecture; the class head: head_init)."},
-    optional=frozenset({"train", "eval", "import_from", "init"}),
+            "init": "A segmenter whose weights the training starts from (same architecture; the class head: head_init).",
+            "encoder": "A representation model (e.g. stage:slotcon, models:/dense-leopart@champion) whose backbone "
+                       "initialises the encoder (as params.encoder)."},
+    optional=frozenset({"train", "eval", "import_from", "init", "encoder"}),
     output_model=True,
 )

@@ -47,8 +47,8 @@ def load_state_dict_source(source: str) -> dict[str, Tensor]:
 def _check_fits(name: str, state_dict: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     """Load into the full timm model to validate keys/shapes (the classifier may differ); return its state_dict."""
     full = timm.create_model(name, pretrained=False)
-    head = tuple(full.pretrained_cfg.get("classifier") or ())
-    head = (head,) if isinstance(head, str) else head
+    head = full.pretrained_cfg.get("classifier") or ()
+    head = (head,) if isinstance(head, str) else tuple(head)  # "fc" is one name, not ("f", "c")
     own = full.state_dict()
     is_head = lambda k: any(k == h or k.startswith(h + ".") for h in head)  # noqa: E731
     wrong = [k for k, v in state_dict.items() if k in own and not is_head(k) and own[k].shape != v.shape]
@@ -110,3 +110,31 @@ class Encoder(nn.Module):
 
     def forward(self, images: Tensor) -> PixelDecoderOutput:
         return self.pixel_decoder(self.backbone(self.normalize(images)))
+
+
+def with_pretrained(cfg: EncoderConfig, source: str) -> EncoderConfig:
+    """``cfg`` initialised from ``source`` (a local file, already fetched, or a timm hub name):
+
+    - a representation file (``trainers.dense.io``: SlotCon, Leopart, PASS): its backbone weights, and the backbone
+      becomes its ``timm_name`` (the representation defines the architecture);
+    - any other file or URL: a timm-format state_dict of ``cfg.backbone``;
+    - ``timm``: timm's hub weights of ``cfg.backbone``; ``timm:<name>``: the hub weights of ``<name>`` (e.g.
+      ``timm:convnext_atto.d2_in1k``), which becomes the backbone.
+    """
+    if source == "timm":
+        return cfg.model_copy(update={"pretrained": "timm"})
+    if source.startswith("timm:"):
+        return cfg.model_copy(update={"backbone": source[len("timm:"):], "pretrained": "timm"})
+    if not source.startswith(("http://", "https://")):
+        from trainers.dense.io import FORMAT, read_representation
+
+        path = Path(source)
+        if not path.is_file():
+            raise PretrainedWeightsError(f"pretrained encoder {source!r}: no such file")
+        try:
+            head = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise PretrainedWeightsError(f"pretrained encoder {source!r}: not a readable model file ({e})") from e
+        if isinstance(head, dict) and head.get("format") == FORMAT:
+            return cfg.model_copy(update={"backbone": read_representation(path)["timm_name"], "pretrained": str(path)})
+    return cfg.model_copy(update={"pretrained": source})

@@ -24,6 +24,7 @@ from trainers.data.pseudo_labels import training_targets
 from trainers.engine import fit
 from trainers.evaluation.instances import evaluate_instances
 from trainers.inputs import StageInputError, dataset_input, fetch_model_file, log_metrics, model_input_path
+from trainers.models.encoder import PretrainedWeightsError, with_pretrained
 from trainers.models.init import init_from
 from trainers.models.io import load_segmenter, read_segmenter_file, save_segmenter
 from trainers.models.losses import set_loss
@@ -39,6 +40,33 @@ def import_source(spec: StageSpec, p) -> tuple[str, str] | None:
     if "import_from" in spec.inputs.models:
         return spec.inputs.models["import_from"].uri, "inputs.models.import_from"
     return (p.import_from, "params.import_from") if p.import_from else None
+
+
+def encoder_source(spec: StageSpec, p) -> tuple[str, str] | None:
+    """(local file or timm hub name, what) of the pretrained encoder: the model input ``encoder`` or ``params.encoder``."""
+    if "encoder" in spec.inputs.models:
+        source = (str(model_input_path(spec, "encoder")), "inputs.models.encoder")
+    elif p.encoder is None:
+        return None
+    elif p.encoder.startswith("stage:"):
+        raise StageInputError(f"params.encoder ({p.encoder}): a stage reference is resolved by the pipeline; give it as the "
+                              "model input encoder (models: {encoder: " + p.encoder + "})")
+    elif p.encoder == "timm" or p.encoder.startswith("timm:"):
+        source = (p.encoder, "params.encoder")
+    else:
+        source = (str(fetch_model_file(p.encoder, spec, "params.encoder")), "params.encoder")
+    if "init" in spec.inputs.models:
+        raise StageInputError(f"{source[1]} and inputs.models.init both initialise the encoder: give one")
+    return source
+
+
+def _pretrained_encoder(cfg, source: str, what: str):
+    try:
+        out = with_pretrained(cfg, source)
+    except PretrainedWeightsError as e:
+        raise StageInputError(f"{what}: {e}") from e
+    log.info("encoder %s initialised from %s (%s)", out.backbone, source, what)
+    return out
 
 
 def run(spec: StageSpec) -> StageResult | None:
@@ -58,6 +86,9 @@ def run(spec: StageSpec) -> StageResult | None:
     else:
         labels = category_labels(dataset_input(spec, "train"))
         cfg = teacher_config(p.model, 1 if p.class_agnostic else len(labels))
+        encoder = encoder_source(spec, p)
+        if encoder is not None:
+            cfg = cfg.model_copy(update={"encoder": _pretrained_encoder(cfg.encoder, *encoder)})
         if p.targets == "objects" and not p.class_agnostic:
             targets = functools.partial(object_targets, labels=labels)
         else:  # CaSP: alpha(.) and/or pseudo-labels (never ground truth)
