@@ -105,14 +105,25 @@ class KubernetesConfig(_Strict):
         description="Replica restart policy. OnFailure: a failed rank makes the others' collectives fail too, so the whole group restarts and resumes from its checkpoint.",
     )
     backoff_limit: int = Field(default=3, ge=0, description="Restarts of the group before the stage fails (runPolicy.backoffLimit).")
-    clean_pod_policy: Literal["None", "Running", "All"] = Field(default="None", description="Pods deleted when the job ends (runPolicy.cleanPodPolicy); None keeps logs.")
+    clean_pod_policy: Literal["None", "Running", "All"] = Field(
+        default="Running", description="Pods deleted when the job ends (runPolicy.cleanPodPolicy). Running: replicas still running when the job fails or finishes are stopped (their GPUs freed), ended pods and their logs stay; None keeps them all running.")
     ttl_seconds_after_finished: int | None = Field(default=86400, ge=0, description="Delete the finished PyTorchJob after this many seconds (runPolicy.ttlSecondsAfterFinished).")
     active_deadline_seconds: int | None = Field(default=None, ge=1, description="Fail a stage running longer than this (runPolicy.activeDeadlineSeconds).")
     cleanup: Literal["always", "on-success", "never"] = Field(
         default="on-success",
         description="Kubernetes executor: delete finished PyTorchJobs always, on success only (failed ones are kept for debugging, their running pods stopped), or never.",
     )
-    pending_timeout_seconds: float | None = Field(default=600, gt=0, description="Kubernetes executor: fail a stage whose pod stays Pending (unschedulable, image not started) longer than this.")
+    queued_timeout_seconds: float | None = Field(
+        default=None, gt=0, description="Kubernetes executor: fail a stage queued longer than this (job suspended by Kueue, pods waiting for a gang scheduler); none: wait, keeping its place in the queue.")
+    unschedulable_timeout_seconds: float | None = Field(
+        default=1800, gt=0, description="Kubernetes executor: fail a stage whose pod the scheduler cannot place for this long (no node fits; covers a GPU node scale-up).")
+    image_pull_timeout_seconds: float | None = Field(
+        default=900, gt=0, description="Kubernetes executor: fail a stage whose scheduled pod is still pulling its image or starting (or in pull back-off) after this long.")
+    pod_creation_timeout_seconds: float | None = Field(
+        default=300, gt=0, description="Kubernetes executor: fail a stage whose replicas the training operator has not created after this long (the FailedCreatePod event's admission or quota error is named).")
+    request_timeout_seconds: float = Field(default=30, gt=0, description="Kubernetes executor: timeout of every API request (connect and read; a log stream is resumed after a read timeout).")
+    api_retry_seconds: float = Field(
+        default=300, ge=0, description="Kubernetes executor: how long API calls are retried (exponential backoff with jitter) on 429, 5xx and connection errors before the stage fails.")
     timeout_seconds: float | None = Field(default=None, gt=0, description="Kubernetes executor: fail a stage not finished after this many seconds (all attempts); none by default.")
     master_port: int = Field(default=23456, ge=1, le=65535, description="Port of the pytorchjob-port on the Master (the operator's MASTER_PORT).")
     node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the training pods.")

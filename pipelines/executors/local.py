@@ -14,6 +14,7 @@ process trees) and the group restarts, up to ``runPolicy.backoffLimit`` times, a
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -91,8 +92,9 @@ class LocalExecutor:
         volumes: dict[str, str | Path] | None = None,
     ):
         """``volumes`` maps a PersistentVolumeClaim name to a directory on this machine: a replica whose
-        container mounts that claim sees the directory at the mountPath, as a kubelet would mount it
-        (a private mount namespace per replica; needs root, like a container runtime)."""
+        container mounts that claim at a mountPath gets that path rewritten to the directory wherever the job
+        names it (its env values, JSON in them such as the stage spec, command, args, workingDir). No mount,
+        no root: nothing is created outside the mapped directories."""
         self.volumes = {k: Path(v).resolve() for k, v in (volumes or {}).items()}
         self.grace_seconds = grace_seconds
         self.echo = echo if echo is not None else _print
@@ -143,24 +145,30 @@ class LocalExecutor:
         try:
             for r in replicas:
                 gpus = [gpu_pool.pop(0) for _ in range(r.gpus)]
-                env = self._env(r, world, nproc, port, gpus)
+                mounts = self._mounts(r)
+                env = self._env(r, world, nproc, port, gpus, mounts)
                 c = r.container
-                cmd = [expand(a, env) for a in (c.get("command") or []) + (c.get("args") or [])]
+                cmd = [_local_path(expand(a, env), mounts) for a in (c.get("command") or []) + (c.get("args") or [])]
                 if not cmd:
                     raise StageFailed(name, attempt, [], f"{r.name}: the container has neither command nor args")
-                cmd = self._with_mounts(r, cmd, name)
                 log_path = log_dir / f"{r.name}.log"
-                cwd = c.get("workingDir") if c.get("workingDir") and Path(c["workingDir"]).is_dir() else (self.cwd or os.getcwd())
-                try:
-                    r.proc = subprocess.Popen(
-                        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL, start_new_session=True,
-                    )
-                except OSError as e:
-                    raise StageFailed(name, attempt, [], f"{r.name}: cannot start {cmd[0]!r}: {e.strerror}") from e
+                workdir = _local_path(c.get("workingDir") or "", mounts)
+                cwd = workdir if workdir and Path(workdir).is_dir() else (self.cwd or os.getcwd())
+                # the replica writes its log file itself, as a container runtime does: it outlives this driver
+                with open(log_path, "ab") as log:
+                    log.write(f"===== attempt {attempt} =====\n".encode())
+                    log.flush()
+                    start = log.tell()
+                    try:
+                        r.proc = subprocess.Popen(
+                            cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True,
+                        )
+                    except OSError as e:
+                        raise StageFailed(name, attempt, [], f"{r.name}: cannot start {cmd[0]!r}: {e.strerror}") from e
                 r.known = {r.proc.pid: psutil.Process(r.proc.pid)}
                 r.tail.clear()
-                r.reader = threading.Thread(target=self._pump, args=(r, log_path, attempt), daemon=True)
+                r.reader = threading.Thread(target=self._pump, args=(r, log_path, start), daemon=True)
                 r.reader.start()
 
             failed: list[_Replica] = []
@@ -193,7 +201,8 @@ class LocalExecutor:
             ))
         return outcome, reason
 
-    def _env(self, r: _Replica, world: int, nproc: str, port: int, gpus: list[str]) -> dict[str, str]:
+    def _env(self, r: _Replica, world: int, nproc: str, port: int, gpus: list[str],
+             mounts: list[tuple[str, Path]]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not _LAUNCH_VARS.match(k)}
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["PYTHONPATH"] = os.pathsep.join(p for p in [str(_REPO), env.get("PYTHONPATH", "")] if p)
@@ -201,7 +210,7 @@ class LocalExecutor:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         for e in r.container.get("env") or []:  # $(VAR) refers to variables defined earlier in the list
             if "value" in e:
-                env[e["name"]] = expand(str(e["value"]), env)
+                env[e["name"]] = _local_path(expand(str(e["value"]), env), mounts)
             elif "valueFrom" in e:
                 raise ValueError(f"{r.name}: env {e['name']} uses valueFrom, which the local executor cannot resolve")
         try:
@@ -223,16 +232,28 @@ class LocalExecutor:
         return env
 
     # -- processes -----------------------------------------------------------------------------
-    def _pump(self, r: _Replica, log_path: Path, attempt: int) -> None:
+    def _pump(self, r: _Replica, log_path: Path, start: int) -> None:
+        """Follow the replica's log file from ``start`` until the replica has ended: echo and keep the tail."""
         prefix = f"[{r.name}]"
-        with open(log_path, "a", buffering=1) as log:
-            log.write(f"===== attempt {attempt} =====\n")
-            for raw in iter(r.proc.stdout.readline, b""):
-                line = raw.decode(errors="replace").rstrip("\n")
-                r.tail.append(line)
-                log.write(line + "\n")
-                self.echo(f"{prefix} {line}")
-        r.proc.stdout.close()
+        with open(log_path, "rb") as log:
+            log.seek(start)
+            pending = b""
+            while True:
+                ended = r.proc.poll() is not None
+                chunk = log.read()
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    line = raw.decode(errors="replace")
+                    r.tail.append(line)
+                    self.echo(f"{prefix} {line}")
+                if ended and not chunk:
+                    break
+                if not chunk:
+                    time.sleep(0.05)
+            if pending:
+                r.tail.append(pending.decode(errors="replace"))
+                self.echo(f"{prefix} {pending.decode(errors='replace')}")
 
     @staticmethod
     def _refresh(r: _Replica) -> None:
@@ -279,22 +300,17 @@ class LocalExecutor:
         for r in replicas:
             r.known.clear()
 
-    def _with_mounts(self, r: _Replica, cmd: list[str], job: str) -> list[str]:
-        """Bind the mapped PVC directories at their mountPaths in a private mount namespace, then exec ``cmd``."""
+    def _mounts(self, r: _Replica) -> list[tuple[str, Path]]:
+        """(mountPath, local directory) of each mapped PVC the container mounts, longest mountPath first."""
         claims = {v["name"]: (v.get("persistentVolumeClaim") or {}).get("claimName") for v in r.volumes}
-        binds = []
+        mounts = []
         for m in r.container.get("volumeMounts") or []:
             claim = claims.get(m.get("name"))
             if claim in self.volumes:
-                self.volumes[claim].mkdir(parents=True, exist_ok=True)  # an empty claim is an empty folder
-                binds.append((self.volumes[claim], m["mountPath"]))
-        if not binds:
-            return cmd
-        if os.geteuid() != 0 or shutil.which("unshare") is None:
-            raise StageFailed(job, 0, [], f"{r.name}: mounting PVCs {sorted(c for c in claims.values() if c in self.volumes)} "
-                              "locally needs root and unshare(1) (a private mount namespace, as a container runtime uses)")
-        script = " && ".join(f'mkdir -p "{dst}" && mount --bind "{src}" "{dst}"' for src, dst in binds)
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{script} && exec "$@"', "sh", *cmd]
+                local = self.volumes[claim] / m["subPath"] if m.get("subPath") else self.volumes[claim]
+                local.mkdir(parents=True, exist_ok=True)  # an empty claim is an empty folder
+                mounts.append((m["mountPath"].rstrip("/") or "/", local))
+        return sorted(mounts, key=lambda t: -len(t[0]))
 
     # -- manifest ------------------------------------------------------------------------------
     @staticmethod
@@ -332,6 +348,35 @@ class LocalExecutor:
                 except (ValueError, KeyError, TypeError):
                     break
         return Path("logs")
+
+
+def _local_path(value: str, mounts: list[tuple[str, Path]]) -> str:
+    """``value`` with a path under a mountPath moved to its local directory: the whole string, the part after
+    ``--opt=``, or every such string inside JSON (the stage spec)."""
+    if not mounts or not value:
+        return value
+    if value[0] in "{[":
+        try:
+            doc = json.loads(value)
+        except ValueError:
+            doc = None
+        if isinstance(doc, (dict, list)):
+            return json.dumps(_local_json(doc, mounts))
+    key, eq, rest = value.partition("=")
+    if eq and key.startswith("-"):
+        return f"{key}={_local_path(rest, mounts)}"
+    for mount, local in mounts:
+        if value == mount or value.startswith(mount + "/"):
+            return str(local) + value[len(mount):]
+    return value
+
+
+def _local_json(doc: Any, mounts: list[tuple[str, Path]]) -> Any:
+    if isinstance(doc, dict):
+        return {k: _local_json(v, mounts) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_local_json(v, mounts) for v in doc]
+    return _local_path(doc, mounts) if isinstance(doc, str) else doc
 
 
 def _group_alive(pgid: int) -> bool:

@@ -255,10 +255,10 @@ def test_a_user_without_the_role_cannot_install(cluster, namespace):
 
 
 ALLOWED = [("create", "pytorchjobs.kubeflow.org"), ("get", "pytorchjobs.kubeflow.org"), ("delete", "pytorchjobs.kubeflow.org"),
-           ("list", "pods"), ("delete", "pods"), ("get", "pods/log")]
+           ("list", "pods"), ("delete", "pods"), ("get", "pods/log"), ("list", "events")]
 DENIED = [("update", "pytorchjobs.kubeflow.org"), ("patch", "pytorchjobs.kubeflow.org"), ("deletecollection", "pytorchjobs.kubeflow.org"),
           ("list", "pytorchjobs.kubeflow.org"), ("watch", "pytorchjobs.kubeflow.org"), ("get", "pods"), ("watch", "pods"),
-          ("get", "secrets"), ("list", "secrets"), ("get", "configmaps"), ("create", "pods"),
+          ("get", "secrets"), ("list", "secrets"), ("get", "configmaps"), ("create", "pods"), ("create", "events"), ("watch", "events"),
           ("create", "pods/exec"), ("create", "jobs.batch"), ("create", "deployments.apps"), ("create", "roles.rbac.authorization.k8s.io"),
           ("create", "rolebindings.rbac.authorization.k8s.io"), ("list", "nodes"), ("list", "namespaces"), ("escalate", "roles.rbac.authorization.k8s.io")]
 

@@ -57,14 +57,23 @@ def test_pipeline_jobs_use_the_base_pvcs_and_trainer_account():
                 assert base[v["persistentVolumeClaim"]["claimName"]]["kind"] == "PersistentVolumeClaim", p.name
 
 
+def test_base_rbac_grants_the_driver_what_the_chart_grants_it(cluster: Cluster):
+    """manifests/base/01-rbac.yaml's driver Role = the chart's (selftrain.driverRules), rule for rule."""
+    (role,) = [d for d in yaml.safe_load_all((MANIFESTS / "base" / "01-rbac.yaml").read_text()) if d and d["kind"] == "Role"]
+    out = cluster.helm("template", "st", str(REPO / "charts" / "selftrain"), "--api-versions", "kubeflow.org/v1/PyTorchJob",
+                       "--set", "image.repository=registry.example.com/ml/selftrain", "--show-only", "templates/rbac.yaml").stdout
+    (chart,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Role"]
+    assert role["rules"] == chart["rules"]
+
+
 def test_base_rbac_is_least_privilege(cluster: Cluster, namespace):
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(in_namespace(MANIFESTS / "base" / "01-rbac.yaml", namespace)))
     driver, trainer = (f"system:serviceaccount:{namespace}:{n}" for n in ("selftrain", "selftrain-trainer"))
-    allowed = [("create", "pytorchjobs.kubeflow.org"), ("get", "pytorchjobs.kubeflow.org"), ("list", "pytorchjobs.kubeflow.org"),
-               ("watch", "pytorchjobs.kubeflow.org"), ("delete", "pytorchjobs.kubeflow.org"),
-               ("get", "pods"), ("list", "pods"), ("watch", "pods"), ("get", "pods/log")]
-    denied = [("update", "pytorchjobs.kubeflow.org"), ("patch", "pytorchjobs.kubeflow.org"), ("get", "secrets"),
-              ("create", "pods"), ("create", "pods/exec"), ("list", "nodes")]
+    allowed = [("create", "pytorchjobs.kubeflow.org"), ("get", "pytorchjobs.kubeflow.org"), ("delete", "pytorchjobs.kubeflow.org"),
+               ("list", "pods"), ("delete", "pods"), ("get", "pods/log"), ("list", "events")]
+    denied = [("update", "pytorchjobs.kubeflow.org"), ("patch", "pytorchjobs.kubeflow.org"), ("list", "pytorchjobs.kubeflow.org"),
+              ("watch", "pytorchjobs.kubeflow.org"), ("get", "pods"), ("watch", "pods"), ("get", "secrets"),
+              ("create", "pods"), ("create", "pods/exec"), ("create", "events"), ("list", "nodes")]
     assert [a for a in allowed if not cluster.can_i(namespace, driver, *a)] == []
     assert [d for d in denied if cluster.can_i(namespace, driver, *d)] == []
     assert [a for a in allowed if cluster.can_i(namespace, driver, *a, all_namespaces=True)] == []

@@ -7,7 +7,8 @@
 
 Every check runs; the output names each, and the pod fails if any did. Environment: SELFTRAIN_NAMESPACE,
 SELFTRAIN_DRIVER_RULES (lines "group resource verb..."; "-" is the core group), SELFTRAIN_MLFLOW_URI,
-SELFTRAIN_VOLUMES (space-separated paths). Outside a cluster it uses $KUBECONFIG (tests run it that way).
+SELFTRAIN_VOLUMES (space-separated paths), SELFTRAIN_PYTORCHJOB_API (group/version checked, default kubeflow.org/v1).
+Outside a cluster it uses $KUBECONFIG (tests run it that way).
 """
 from __future__ import annotations
 
@@ -30,21 +31,22 @@ def api():
     return client
 
 
-def check_crd(client) -> str:
+def check_crd(client, api: str = "kubeflow.org/v1") -> str:
     from kubernetes.client import ApiException
 
+    group, version = api.split("/")
     try:
-        found = client.CustomObjectsApi().get_api_resources("kubeflow.org", "v1", _request_timeout=TIMEOUT)
+        found = client.CustomObjectsApi().get_api_resources(group, version, _request_timeout=TIMEOUT)
     except ApiException as e:
         if e.status == 404:
             found = None
         else:
             raise
     if found is None or "pytorchjobs" not in {r.name for r in found.resources}:
-        raise RuntimeError("the API server does not serve kubeflow.org/v1 pytorchjobs: the Kubeflow training operator v1 "
-                           "(CRD pytorchjobs.kubeflow.org) is not installed; install it (docs/kubernetes.md, Prerequisites) "
-                           "and check with: kubectl get crd pytorchjobs.kubeflow.org")
-    return "kubeflow.org/v1 pytorchjobs is served"
+        raise RuntimeError(f"the API server does not serve {api} pytorchjobs: the Kubeflow training operator v1 "
+                           f"(CRD pytorchjobs.{group}) is not installed; install it (docs/kubernetes.md, Prerequisites) "
+                           f"and check with: kubectl get crd pytorchjobs.{group}")
+    return f"{api} pytorchjobs is served"
 
 
 def check_rbac(client, namespace: str, rules: str) -> str:
@@ -111,7 +113,7 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001
         print(f"FAIL  kubernetes API: {e}")
         return 1
-    run("pytorchjob-crd", check_crd, client)
+    run("pytorchjob-crd", check_crd, client, os.environ.get("SELFTRAIN_PYTORCHJOB_API", "kubeflow.org/v1"))
     run("driver-rbac", check_rbac, client, namespace, os.environ["SELFTRAIN_DRIVER_RULES"])
     if os.environ.get("SELFTRAIN_MLFLOW_URI"):
         run("mlflow-health", check_mlflow, os.environ["SELFTRAIN_MLFLOW_URI"])

@@ -190,4 +190,5 @@ exactly these, and `helm test` checks each one with a SelfSubjectAccessReview. L
 kubeflow.org pytorchjobs create get delete
 - pods list delete
 - pods/log get
+- events list
 {{- end -}}
