@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from pipelines.config import KubernetesConfig
 from pipelines.executors import ExecutionResult, ReplicaOutcome, StageFailed
-from pipelines.executors.local import _restartable
+from pipelines.executors.local import restartable
 
 FINGERPRINT = "selftrain.io/fingerprint"
 ATTEMPT = "selftrain.io/attempt"  # set on jobs this executor created: it restarts them as whole groups
@@ -1006,7 +1006,7 @@ class _Run:
 def _retryable(policies: dict[str, str], failed: list[tuple[str, int | None]], message: str, attempt: int, backoff: int) -> bool:
     """Whether a failed attempt restarts: attempts left, not stopped by its deadline, every failed replica's policy allows it."""
     return "deadline" not in message and attempt <= backoff and all(
-        _restartable(policies.get(replica.rsplit("-", 1)[0], "OnFailure"), code) for replica, code in failed)
+        restartable(policies.get(replica.rsplit("-", 1)[0], "OnFailure"), code) for replica, code in failed)
 
 
 def _containers(pod: dict[str, Any]) -> Iterable[dict[str, Any]]:

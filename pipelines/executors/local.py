@@ -126,7 +126,7 @@ class LocalExecutor:
                 return ExecutionResult(job=name, attempts=attempt, replicas=outcome, log_dir=log_dir)
             policies = {r.rtype: (spec["pytorchReplicaSpecs"][r.rtype].get("restartPolicy") or "OnFailure") for r in replicas}
             retry = attempt <= backoff_limit and reason != "deadline" and all(
-                _restartable(policies[r.rtype], o.exit_code) for r, o in zip(replicas, outcome) if not o.stopped
+                restartable(policies[r.rtype], o.exit_code) for r, o in zip(replicas, outcome) if not o.stopped
             )
             if not retry:
                 why = {"deadline": f"activeDeadlineSeconds={deadline} passed"}.get(reason, f"backoffLimit={backoff_limit}")
@@ -394,7 +394,7 @@ def _exit_code(returncode: int | None) -> int | None:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _restartable(policy: str, code: int | None) -> bool:
+def restartable(policy: str, code: int | None) -> bool:
     """Whether a replica that ended with ``code`` restarts under its restartPolicy (ExitCode: 128-255 are retryable)."""
     if policy == "Never":
         return False
