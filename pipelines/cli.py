@@ -310,6 +310,21 @@ def render_cmd(
         out.print(str(p))
 
 
+@app.command("predict")
+def predict_cmd(
+    model: str = typer.Argument(..., help="models:/<name>@<alias>, models:/<name>/<version> or a model file."),
+    dataset: Path = typer.Argument(..., help="Dataset directory (holds index.json) to predict on."),
+    output: Path = typer.Option(..., "--out", "-o", help="Folder for the COCO results files (the layout of the model's evaluating stage)."),
+    config: Optional[Path] = typer.Option(DEFAULT_PIPELINE, "--config", "-c", help="Pipeline config whose MLflow registry resolves models:/ URIs."),
+    instance_teacher: Optional[str] = typer.Option(None, "--instance-teacher", help="A part ranker is also conditioned on this model's detections (setting pred)."),
+) -> None:
+    """A registered model's predictions on a dataset as COCO results files (RLE masks, scores; parts: object class, cluster)."""
+    from pipelines.partdistillation import predict
+
+    for path in _guard(predict.predict, model, dataset, output, config, instance_teacher).values():
+        out.print(f"wrote {path}", soft_wrap=True, highlight=False)
+
+
 purity_app = typer.Typer(no_args_is_help=True, help="Purity evaluation by manual rating (PartDistillation sec. 5.2, Fig. 4).")
 app.add_typer(purity_app, name="purity")
 

@@ -34,7 +34,9 @@ DEFINITION = StageDefinition(
     kind="label",
     params=ClusterPixelsParams,
     entry="trainers.stages.cluster_pixels:run",
-    datasets={"images": "Shards with object labels (an eval split with allow_parts)."},
+    datasets={"images": "Shards with object labels (an eval split with allow_parts).",
+              "centroids": "A cluster-pixels dataset whose fit (clusters/, label_map.json) labels the images instead of a new k-means (e.g. the train split's fit applied to the eval split)."},
+    optional=frozenset({"centroids"}),
     models={"teacher": "The instance teacher: its pixel features, and its detections unless objects: gt."},
     output_dataset=True,
 )

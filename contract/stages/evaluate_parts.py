@@ -16,18 +16,20 @@ class EvaluatePartsParams(Params):
     object_score_threshold: float = Field(default=0.5, ge=0, le=1, description="Detections kept with score > this (setting pred).")
     max_detections: int = Field(default=20, ge=1, description="Instance-teacher predictions considered per image (setting pred).")
     batch_size: int = Field(default=8, ge=1, description="Images per inference batch.")
+    reference: Literal["parts", "pseudo_labels"] = Field(default="parts", description="The ground truth: the eval dataset's part masks, or its proposals' cluster ids (a pseudo-labeller's clusters on held-out images without part labels: the label-free selection criterion; a dataset with part labels is refused).")
 
 
 DEFINITION = StageDefinition(
     name="evaluate-parts",
-    summary="NMI/ARI/mIoU of part cluster ids and AR@k of part masks, with GT or detected objects (PartDistillation sec. 5.1, Tables 2-3); exactly one source of predictions.",
+    summary="NMI/ARI/mIoU of part cluster ids and AR@k of part masks, with GT or detected objects (PartDistillation sec. 5.1, Tables 2-3); exactly one source of predictions; the predictions written as COCO results files.",
     kind="evaluate",
     params=EvaluatePartsParams,
     entry="trainers.stages.evaluate_parts:run",
-    datasets={"eval": "An evaluation split with part masks (the ground truth).",
+    datasets={"eval": "An evaluation split with part masks (the ground truth), or with reference: pseudo_labels a labelled dataset of held-out images without them.",
               "labels": "A labels dataset on the eval images (rank-parts / cluster-pixels records), matched by key."},
     models={"candidate": "A train-ranker model run on the eval images, conditioned on the objects.",
             "ranker": "The same, under its stage's name.",
             "instance_teacher": "The detector of the pred setting (needed with a model and settings including pred)."},
     optional=frozenset({"labels", "candidate", "ranker", "instance_teacher"}),
+    output_dataset=True,
 )

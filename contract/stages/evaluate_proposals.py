@@ -20,19 +20,21 @@ class EvaluateProposalsParams(Params):
     top_k: int | None = Field(default=None, ge=1, description="Masks of a part model kept per image, best score first (None: max(max_dets)).")
     clip_to_objects: bool = Field(default=False, description="Intersect every proposal with the union of the GT objects before matching.")
     batch_size: int = Field(default=8, ge=1, description="Images per inference batch.")
-    coco: bool = Field(default=True, description="Also run pycocotools COCOeval (useCats=0); gathers every mask on rank 0.")
+    coco: bool = Field(default=True, description="Also run pycocotools COCOeval (useCats=0).")
+    reference: Literal["parts", "pseudo_labels"] = Field(default="parts", description="The ground truth: the eval dataset's part masks, or its proposals (a teacher's pseudo-labels on held-out images without part labels: the label-free selection criterion; a dataset with part labels is refused).")
 
 
 DEFINITION = StageDefinition(
     name="evaluate-proposals",
-    summary="Class-agnostic part proposals' AR@k (greedy and COCOeval) on an evaluation split (PartDistillation sec. 5.1); exactly one source of proposals.",
+    summary="Class-agnostic part proposals' AR@k (greedy and COCOeval) on an evaluation split (PartDistillation sec. 5.1); exactly one source of proposals; the proposals written as COCO results files.",
     kind="evaluate",
     params=EvaluateProposalsParams,
     entry="trainers.stages.evaluate_proposals:run",
-    datasets={"eval": "An evaluation split with part masks (the ground truth).",
+    datasets={"eval": "An evaluation split with part masks (the ground truth), or with reference: pseudo_labels a labelled dataset of held-out images without them.",
               "proposals": "A dataset whose records carry proposals (e.g. mine-parts on the eval images), matched by key."},
     models={"parts": "A part model run on the eval images (its top_k masks).",
             "candidate": "The same, under the runner's name for the model an evaluating stage promotes.",
             "teacher": "The instance teacher whose detections are cut into strips (baseline: strips, objects: detected)."},
     optional=frozenset({"proposals", "parts", "candidate", "teacher"}),
+    output_dataset=True,
 )

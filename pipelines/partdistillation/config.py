@@ -1,9 +1,9 @@
 """The PartDistillation pipeline config: its typed section (paper values by default) and the registered model names."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from contract.spec import StageSpec
 from pipelines.config import PIPELINES, PipelineConfig, _Strict, stage_params
@@ -40,7 +40,7 @@ class RoundParams(_Strict):
     train: dict[str, Any] = stage_params("train-proposals", "Overrides of the train-proposals trainer's params (steps, lr, queries, ...).")
     pseudo_label_score_threshold: float = Field(default=0.5, ge=0, le=1, description="Predicted parts below this score are not kept as pseudo-labels.")
     pseudo_label: dict[str, Any] = stage_params("pseudo-label", "Further pseudo-label params passed through.")
-    promotion_metric: str = Field(default="eval/AR_10", description="Metric the part-proposal teacher alias moves on.")
+    promotion_metric: str = Field(default="eval/AR_10", description="Metric (measured on the val split) the part-proposal teacher alias moves on (selection.criterion: val).")
     init_from_previous: bool = Field(default=True, description="Rounds after the first start from the previous round's part decoder.")
     later_rounds_lr: float | None = Field(default=5e-4, gt=0, description="Learning rate of rounds after the first (None: the train params' lr).")
 
@@ -62,23 +62,53 @@ class RankingParams(_Strict):
     objects: str = Field(default="gt", pattern="^(detected|gt)$", description="Objects parts are assigned to while training: the train split's object labels or the teacher's detections.")
     rounds: int = Field(default=1, ge=1, description="R': rounds of train-ranker -> evaluate -> promote -> relabel.")
     train: dict[str, Any] = stage_params("train-ranker", "Overrides of the train-ranker trainer's params (steps, lr, ...).")
-    one_stage_rounds: int = Field(default=1, ge=0, description="Self-training rounds of the one-stage baseline (0: skip that baseline).")
-    kmeans_baseline: bool = Field(default=True, description="Evaluate dataset-level k-means of pixel features per class alone.")
-    promotion_metric: str = Field(default="eval/gt/miou", description="Metric the ranker's teacher alias moves on.")
+    one_stage_rounds: int | None = Field(default=None, ge=0, description="Self-training rounds of the one-stage baseline (0: skip that baseline; None: as many as PartDistillation's, proposals.rounds + ranking.rounds; the paper runs two).")
+    kmeans_baseline: bool = Field(default=True, description="Evaluate dataset-level k-means of pixel features per class alone: fitted on the train split, applied to the eval split.")
+    kmeans_transductive: bool = Field(default=False, description="Also evaluate k-means fitted on the eval images themselves (labelled transductive in the table).")
+    promotion_metric: str = Field(default="eval/gt/miou", description="Metric (measured on the val split) the ranker's teacher alias moves on (selection.criterion: val).")
     evaluation: dict[str, Any] = stage_params("evaluate-parts", "Further evaluate-parts params passed through.")
     purity_grids: bool = Field(default=True, description="Write 3x3 purity grids per (object class, part cluster) with an HTML index.")
+
+
+class SelectionParams(_Strict):
+    """Model selection (promotion of the teacher aliases): never on the reported eval split (docs/architecture.md "Tracking and promotion")."""
+
+    criterion: Literal["val", "label_free"] = Field(default="val", description="val: the promotion metrics measured on the val split's part masks; label_free: agreement of the candidate with the teacher's pseudo-labels on held-out images without part labels (holdout).")
+    holdout: str | None = Field(default=None, description="Held-out images with object labels and no part labels (never trained on; relative: to workspace.data), e.g. the val images with their parts stripped by selftrain data split; read by the label-free criterion.")
+    compare: bool = Field(default=False, description="Also measure the criterion not selected (no promotion), so the report shows which round each would pick.")
+    label_free_proposals_metric: str = Field(default="eval/AR_10", description="Label-free metric of part-proposal models: AR@10 against the mined proposals (the first teacher's pseudo-labels) on the holdout images.")
+    label_free_ranker_metric: str = Field(default="eval/gt/nmi", description="Label-free metric of rankers: NMI of their part clusters against the pseudo-labeller's (rank-parts, cluster-pixels) clusters on the holdout images.")
 
 
 class PartDistillationSection(_Strict):
     """What PartDistillation runs on and with which hyper-parameters (paper values by default)."""
 
     train: str = Field(default="partworld-demo/train", description="Training images with object labels (relative: to workspace.data).")
-    eval: str = Field(default="partworld-demo/eval", description="Held-out split with part masks (relative: to workspace.data); only evaluation reads it.")
+    val: str = Field(default="partworld-demo/val", description="Selection split with part masks (relative: to workspace.data): promotion reads its metrics (selection.criterion: val), never the reported split's.")
+    eval: str = Field(default="partworld-demo/eval", description="The reported split with part masks (relative: to workspace.data); only the reporting evaluations read it.")
+    selection: SelectionParams = Field(default_factory=SelectionParams, description="Model selection: the val split or a label-free criterion.")
     teacher: TeacherParams = Field(default_factory=TeacherParams, description="Instance teacher.")
     mining: MiningParams = Field(default_factory=MiningParams, description="Part mining (sec. 4.2).")
     proposals: RoundParams = Field(default_factory=RoundParams, description="Self-training rounds of part proposals.")
     evaluation: EvaluationParams = Field(default_factory=EvaluationParams, description="Proposal evaluation.")
     ranking: RankingParams = Field(default_factory=RankingParams, description="Class-specific part ranking, final self-training, baselines (sec. 4.3, 5).")
+
+    @model_validator(mode="after")
+    def _selection_has_data(self) -> "PartDistillationSection":
+        s = self.selection
+        if (s.criterion == "label_free" or s.compare) and not s.holdout:
+            raise ValueError("selection.holdout is required by the label-free criterion (selection.criterion: label_free "
+                             "or selection.compare): held-out images with no part labels")
+        if len({self.train, self.val, self.eval, s.holdout or self.val}) < 3 + bool(s.holdout):
+            raise ValueError(f"train, val, eval and selection.holdout must be different datasets: {self.train}, {self.val}, "
+                             f"{self.eval}, {s.holdout}")
+        return self
+
+    @property
+    def one_stage_rounds(self) -> int:
+        """Rounds of the one-stage baseline: as many as PartDistillation's unless ranking.one_stage_rounds says."""
+        rk = self.ranking
+        return self.proposals.rounds + rk.rounds if rk.one_stage_rounds is None else rk.one_stage_rounds
 
 
 class PartDistillationConfig(PipelineConfig):

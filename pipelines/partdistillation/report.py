@@ -9,8 +9,17 @@ from contract.io import atomic_open
 from pipelines.partdistillation import graph
 from pipelines.partdistillation.config import PartDistillationConfig
 
-TABLE_COLUMNS = ("AR@1", "AR@10", "AR@100")
-PART_COLUMNS = ("nmi", "ari", "miou", "miou_hungarian", "AR_200")
+PART_METRICS = ("nmi", "ari", "miou", "miou_hungarian")
+
+
+def table_columns(cfg: PartDistillationConfig) -> tuple[str, ...]:
+    """AR@1, AR@10 and AR@<query count>: no k above the part models' query count (graph.max_dets)."""
+    ks = graph.max_dets(cfg)
+    return tuple(f"AR@{k}" for k in sorted({k for k in ks if k in (1, 10)} | {ks[-1]}))
+
+
+def part_columns(cfg: PartDistillationConfig) -> tuple[str, ...]:
+    return (*PART_METRICS, f"AR_{graph.max_dets(cfg)[-1]}")
 
 # -- tables ------------------------------------------------------------------------------------
 def _metrics(outcomes: dict[str, Any], stage: str) -> dict[str, float]:
@@ -30,17 +39,17 @@ def proposals_table(outcomes: list[Any], cfg: PartDistillationConfig) -> list[tu
     """Rows of the stage-1 table: naive strips, mined k-means, round 1..R (AR@1/10/100)."""
     by_name = {o.name: o for o in outcomes}
     rows = graph.proposal_rows(cfg)
-    return [(label, {c: _metric(_metrics(by_name, stage), c) for c in TABLE_COLUMNS}) for label, stage in rows]
+    return [(label, {c: _metric(_metrics(by_name, stage), c) for c in table_columns(cfg)}) for label, stage in rows]
 
 
 def parts_table(outcomes: list[Any], cfg: PartDistillationConfig) -> list[tuple[str, str, dict[str, float]]]:
-    """Rows shaped like the paper's Table 3: method x GT object (with / without) -> NMI, ARI, mIoU, AR@200."""
+    """Rows shaped like the paper's Table 3: method x GT object (with / without) -> NMI, ARI, mIoU, AR@<queries>."""
     by_name = {o.name: o for o in outcomes}
     table = []
     for label, stage in graph.part_rows(cfg):
         m = _metrics(by_name, stage)
         for setting, gt in (("gt", "yes"), ("pred", "no")):
-            vals = {c: float(m.get(f"eval/{setting}/{c}", float("nan"))) for c in PART_COLUMNS}
+            vals = {c: float(m.get(f"eval/{setting}/{c}", float("nan"))) for c in part_columns(cfg)}
             if any(v == v for v in vals.values()):
                 table.append((label, gt, vals))
     return table
@@ -48,14 +57,16 @@ def parts_table(outcomes: list[Any], cfg: PartDistillationConfig) -> list[tuple[
 
 def format_table(table: list[tuple[str, dict[str, float]]]) -> str:
     """Markdown table (percent, one decimal, like the paper)."""
-    lines = ["| proposals | " + " | ".join(TABLE_COLUMNS) + " |", "| --- |" + " ---: |" * len(TABLE_COLUMNS)]
+    cols = list(table[0][1]) if table else []
+    lines = ["| proposals | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for label, vals in table:
         lines.append(f"| {label} | " + " | ".join(_pct(v) for v in vals.values()) + " |")
     return "\n".join(lines)
 
 
 def format_parts_table(table: list[tuple[str, str, dict[str, float]]]) -> str:
-    heads = ("NMI", "ARI", "mIoU (majority)", "mIoU (Hungarian)", "AR@200")
+    ar = [c for c in (table[0][2] if table else {}) if c.startswith("AR_")]
+    heads = ("NMI", "ARI", "mIoU (majority)", "mIoU (Hungarian)", *(c.replace("_", "@") for c in ar))
     lines = ["| method | GT object | " + " | ".join(heads) + " |", "| --- | --- |" + " ---: |" * len(heads)]
     for label, gt, vals in table:
         lines.append(f"| {label} | {gt} | " + " | ".join(_pct(v) for v in vals.values()) + " |")
@@ -64,6 +75,50 @@ def format_parts_table(table: list[tuple[str, str, dict[str, float]]]) -> str:
 
 def _pct(v: float) -> str:
     return "n/a" if v != v else f"{100 * v:.1f}"
+
+
+def selection_table(outcomes: list[Any], cfg: PartDistillationConfig) -> tuple[list[dict], list[str]]:
+    """Per promoted model line and round: the selection metrics on val and (label-free) on the holdout images, and the
+    round each criterion selects under the promotion rule (a round takes the alias when it beats the holder by more
+    than promotion.min_delta), plus the reported eval metric. Returns (rows, one summary line per model line)."""
+    by_name = {o.name: o for o in outcomes}
+    pol = cfg.promotion
+    rows, summary = [], []
+    for line, model, rounds, name_of in graph.selection_rounds(cfg):
+        picks = {}
+        for split in graph.selection_splits(cfg):
+            metric, holder, best = graph.selection_metric(cfg, model, split), None, None
+            for r in range(1, rounds + 1):
+                v = _metrics(by_name, name_of(r, split)).get(metric)
+                if v is None:
+                    continue
+                gain = None if best is None else (v - best if pol.direction == "max" else best - v)
+                if gain is None or gain > pol.min_delta:
+                    holder, best = r, v
+            picks[split] = holder
+        reported = graph.selection_metric(cfg, model, "val")
+        for r in range(1, rounds + 1):
+            row = {"model": line, "round": r, "eval": _metrics(by_name, name_of(r)).get(reported, float("nan"))}
+            for split in graph.selection_splits(cfg):
+                row[split] = _metrics(by_name, name_of(r, split)).get(graph.selection_metric(cfg, model, split), float("nan"))
+            rows.append(row)
+        if len(picks) == 2:
+            same = "the same round" if picks["val"] == picks["holdout"] else "different rounds"
+            summary.append(f"{line}: val picks round {picks['val']}, label-free picks round {picks['holdout']} ({same})")
+        else:
+            (split, r), = picks.items()
+            summary.append(f"{line}: {'val' if split == 'val' else 'label-free'} picks round {r}")
+    return rows, summary
+
+
+def format_selection(rows: list[dict], cfg: PartDistillationConfig) -> str:
+    splits = graph.selection_splits(cfg)
+    head = {"val": "val (selection)", "holdout": "label-free (agreement, holdout)"}
+    lines = ["| model | round | " + " | ".join(head[s] for s in splits) + " | eval (reported) |",
+             "| --- | ---: |" + " ---: |" * (len(splits) + 1)]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['round']} | " + " | ".join(_pct(row[s]) for s in splits) + f" | {_pct(row['eval'])} |")
+    return "\n".join(lines)
 
 
 def plot_rounds(outcomes: list[Any], cfg: PartDistillationConfig, out_png: Path) -> Path:
@@ -77,7 +132,7 @@ def plot_rounds(outcomes: list[Any], cfg: PartDistillationConfig, out_png: Path)
     by_name = {o.name: o for o in outcomes}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     xs = list(range(1, pd.proposals.rounds + 1))
-    for col in ("AR@1", "AR@10", "AR@100"):
+    for col in table_columns(cfg):
         axes[0].plot(xs, [100 * _metric(_metrics(by_name, graph.proposals_evaluate(r)), col) for r in xs], marker="o", label=col)
         mined = _metric(_metrics(by_name, graph.MINED_EVALUATE), col)
         if mined == mined:
@@ -88,10 +143,10 @@ def plot_rounds(outcomes: list[Any], cfg: PartDistillationConfig, out_png: Path)
     axes[0].legend()
     if pd.ranking.enabled:
         xs2 = list(range(1, pd.ranking.rounds + 1))
-        for c in ("nmi", "ari", "miou", "miou_hungarian", "AR_200"):
+        for c in part_columns(cfg):
             axes[1].plot(xs2, [100 * _metrics(by_name, graph.ranker_evaluate(r)).get(f"eval/gt/{c}", float("nan")) for r in xs2],
                          marker="o", label=c)
-            one = _metrics(by_name, graph.one_stage_evaluate(pd.ranking.one_stage_rounds)).get(f"eval/gt/{c}")
+            one = _metrics(by_name, graph.one_stage_evaluate(pd.one_stage_rounds)).get(f"eval/gt/{c}")
             if one is not None:
                 axes[1].axhline(100 * one, ls="--", lw=0.8, color=axes[1].lines[-1].get_color())
         axes[1].set(title="Class-specific parts, GT objects (dashed: one-stage)", xlabel="final self-training round", ylabel="%")
@@ -116,6 +171,11 @@ def write_report(cfg: PartDistillationConfig, result: Any, lineage: Any) -> str:
     ptable = parts_table(result.stages, cfg) if pd.ranking.enabled else []
     if ptable:
         sections.append("Class-specific parts (%, held-out part masks; Table 3 layout)\n" + format_parts_table(ptable))
+    srows, summary = selection_table(result.stages, cfg)
+    metrics = ", ".join(sorted({f"{graph.selection_metric(cfg, m, s)} ({s})" for _, m, _, _ in graph.selection_rounds(cfg)
+                                for s in graph.selection_splits(cfg)}))
+    sections.append(f"Model selection (%, metrics: {metrics}; promotion: {pd.selection.criterion})\n"
+                    + format_selection(srows, cfg) + "\n\n" + "\n".join(summary))
     text = "\n\n".join(sections)
     (report_dir / "tables.md").write_text(text + "\n")
     png = plot_rounds(result.stages, cfg, report_dir / "metrics_by_round.png")
@@ -141,7 +201,8 @@ def write_report(cfg: PartDistillationConfig, result: Any, lineage: Any) -> str:
             lineage.client.log_artifacts(result.mlflow_run_id, str(report_dir / "purity"), "purity")
             lines.append(f"purity grids: {index}  (rate them, then: selftrain purity curve <ratings.csv> -o curve.png)")
     lines.append(f"report folder: {report_dir}")
-    (report_dir / "summary.json").write_text(json.dumps({"run": result.run, "mlflow_run_id": result.mlflow_run_id}, indent=2))
+    (report_dir / "summary.json").write_text(json.dumps({"run": result.run, "mlflow_run_id": result.mlflow_run_id,
+                                                        "selection": srows, "selection_summary": summary}, indent=2))
     return "\n".join(lines)
 
 

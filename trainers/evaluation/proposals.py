@@ -215,3 +215,71 @@ def stored_proposals(path: str, keys: set[str]) -> dict[str, list[dict]]:
         if key in keys:
             out[key] = record.get("proposals", [])
     return out
+
+
+REFERENCES = ("parts", "pseudo_labels")
+
+
+def reference_record(record: dict, reference: str) -> dict:
+    """The record as the evaluators' ground truth: its annotated ``parts`` (``reference="parts"``), or its
+    ``proposals`` standing in as parts (``"pseudo_labels"``: the label-free selection criterion, agreement with a
+    teacher's pseudo-labels on held-out images; the cluster id, if any, becomes the part category). A record with
+    part labels is refused in that mode: the label-free criterion never reads them."""
+    if reference == "parts":
+        return record
+    if reference != "pseudo_labels":
+        raise ValueError(f"unknown reference {reference!r}: {' or '.join(REFERENCES)}")
+    if record.get("parts"):
+        raise ValueError(f"sample {record.get('key', '?')!r}: has part labels; the pseudo_labels reference (label-free "
+                         "selection) reads a held-out dataset without them")
+    parts = [{"id": i + 1, "object_id": p.get("object_id"), "category_id": int(p.get("label") or 0),
+              "segmentation": p["segmentation"]} for i, p in enumerate(record.get("proposals") or [])]
+    return {**record, "parts": parts}
+
+
+def write_proposal_results(out_dir, images: list[dict], proposals: list[list[dict]], max_dets, clip_to_objects: bool,
+                           reference: str) -> dict[str, str]:
+    """The proposals of each image (``images`` order, image ids 1..N) as COCO files in ``out_dir``: ``images.json``
+    (``{"images": [{"id", "file_name": dataset key, "height", "width"}], "categories": [part], "max_dets",
+    "clip_to_objects", "reference"}``) and ``proposals.json`` (COCO results: image_id, category_id 1, RLE, score)."""
+    from pathlib import Path
+
+    from contract.io import write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"images": [{"id": i + 1, "file_name": im["key"], "height": int(im["height"]), "width": int(im["width"])}
+                      for i, im in enumerate(images)],
+           "categories": [{"id": 1, "name": "part"}], "max_dets": list(max_dets), "clip_to_objects": bool(clip_to_objects),
+           "reference": reference}
+    res = [{"image_id": i + 1, "category_id": 1, "segmentation": q["segmentation"], "score": float(q.get("score", 1.0))}
+           for i, props in enumerate(proposals) for q in props]
+    return {"images.json": str(write_json(out / "images.json", doc, indent=None)),
+            "proposals.json": str(write_json(out / "proposals.json", res, indent=None))}
+
+
+def score_proposal_results(dataset: str, out_dir) -> dict[str, float]:
+    """AR@k (``eval/AR_<k>``, ``eval/R50_<k>``, ``eval/num_parts``) of a results folder against ``dataset``, matched
+    by key, with the evaluator evaluate-proposals uses: what it reported, from the files alone."""
+    import json
+    from pathlib import Path
+
+    from trainers.data import shards
+
+    out = Path(out_dir)
+    doc = json.loads((out / "images.json").read_text())
+    index = {im["id"]: im["file_name"] for im in doc["images"]}
+    by_key: dict[str, list[dict]] = {k: [] for k in index.values()}
+    for n, r in enumerate(json.loads((out / "proposals.json").read_text())):
+        if r.get("image_id") not in index:
+            raise ValueError(f"{out / 'proposals.json'}: entry {n} has image_id {r.get('image_id')!r}, not in images.json")
+        by_key[index[r["image_id"]]].append(r)
+    recall = PartProposalRecall(max_dets=doc["max_dets"], clip_to_objects=doc["clip_to_objects"])
+    seen = 0
+    for key, _, record in shards.iter_samples(dataset, decode=False, allow_parts=True):
+        if key in by_key:
+            seen += 1
+            recall.process(reference_record(record, doc["reference"]), by_key[key])
+    if seen != len(by_key):
+        raise ValueError(f"{out}: {len(by_key) - seen} of its images are not in {dataset}")
+    return {metric_key(k): v for k, v in recall.evaluate().items()}

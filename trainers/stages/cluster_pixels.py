@@ -20,6 +20,11 @@ writes its part of the dataset (``trainers.shardmap``); rank 0 publishes the mer
 results live in ``<workdir>/cluster-pixels-<fingerprint>/`` (the shard-map fingerprint: inputs, params, world
 size), so a changed spec starts afresh.
 
+Fitted centroids: the output dataset also holds the per-class k-means results (``clusters/class-<c>.npz``). Given
+``datasets["centroids"]`` (such a dataset, e.g. the train split's), phases 1-2 are skipped: the instance pixels of
+``datasets["images"]`` take their nearest centroid of that fit (the k-means baseline fitted on the train split and
+applied to the evaluation split, never fitted on the images it labels), and its ``label_map.json`` is kept.
+
 Params: ``python -m trainers cluster-pixels --help``. The library: ``trainers.parts.pixel_clusters``.
 
 Bad input is counted, never fatal: a class with fewer distinct pixels than k gets fewer clusters, a class with no
@@ -34,6 +39,7 @@ Metrics (summed over ranks): ``cluster/images``, ``cluster/images_without_object
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -44,15 +50,20 @@ from contract.stages import params_of
 from trainers.comm import all_reduce_sum, barrier
 from trainers.data.batches import category_labels
 from trainers.engine import MetricLogger
-from trainers.inputs import load_model_input
+from trainers.inputs import StageInputError, dataset_input, load_model_input
 from trainers.parts.class_clusters import FeatureSpill, cluster_classes, load_class_clusters, spill_counts
 from trainers.parts.label_map import LABEL_MAP_FILE, cluster_info, label_map_doc
 from trainers.parts.pixel_clusters import PixelClusterStats, label_pixels, spill_pixels
 from trainers.shardmap import ShardMap
 
 
+CLUSTERS = "clusters"  # the per-class k-means results inside the output dataset
+
+
 def run(spec: StageSpec):
     """Spill, cluster per class over ranks, label every instance pixel; rank 0 publishes the labels dataset."""
+    if "centroids" in spec.inputs.datasets:
+        return _apply(spec)
     p = params_of(spec)
     sm = ShardMap(spec, p, name=spec.name)
     d = sm.dist
@@ -97,12 +108,49 @@ def run(spec: StageSpec):
             logger.advance(n_mine)
         stats = sm.write_part(lambda: sm.labelled(labeller(), stats, same_size=True, allow_parts=p.allow_parts,
                                                   on_batch=logger.advance), stats)
+        def publish(out: Path) -> None:
+            write_json(out / LABEL_MAP_FILE, label_map_doc(sm.index.categories, cluster_info(clusters_dir, counts), p.k),
+                       indent=1)
+            (out / CLUSTERS).mkdir(exist_ok=True)
+            for c in counts:  # the fit, so other splits can be labelled with it (datasets.centroids)
+                shutil.copyfile(clusters_dir / f"class-{int(c)}.npz", out / CLUSTERS / f"class-{int(c)}.npz")
+
         return sm.finish(stats, lambda total, wall, merged: _metrics(total, summary, p.k, wall, merged),
-                         publish=lambda out: write_json(out / LABEL_MAP_FILE, label_map_doc(
-                             sm.index.categories, cluster_info(clusters_dir, counts), p.k), indent=1),
-                         logger=logger)
+                         publish=publish, logger=logger)
     finally:
         logger.close()
+
+
+def _apply(spec: StageSpec):
+    """Label every instance pixel of ``datasets.images`` with the centroids of a fitted cluster-pixels dataset."""
+    p = params_of(spec)
+    fitted = Path(dataset_input(spec, "centroids"))
+    label_map = read_json(fitted / LABEL_MAP_FILE)
+    files = sorted((fitted / CLUSTERS).glob("class-*.npz"))
+    if label_map is None or not files:
+        raise StageInputError(f"inputs.datasets.centroids ({fitted}): not a cluster-pixels dataset with its fit "
+                              f"({LABEL_MAP_FILE} and {CLUSTERS}/class-<id>.npz)")
+    if int(label_map.get("k", p.k)) != p.k:
+        raise StageInputError(f"inputs.datasets.centroids ({fitted}): fitted with k={label_map.get('k')}, params.k={p.k}")
+    classes = [int(f.stem.split("-", 1)[1]) for f in files]
+    centroids = {c: torch.from_numpy(load_class_clusters(fitted / CLUSTERS, c)["centroids"]).float() for c in classes}
+    sm = ShardMap(spec, p, name=spec.name)
+    class_of_label = {i: cid for cid, i in category_labels(sm.images).items()}
+
+    def labeller(d):
+        teacher = load_model_input(spec, "teacher", d.device)
+        return lambda keys, images, records, st: label_pixels(teacher, keys, images, records, centroids, p,
+                                                              class_of_label, st)
+
+    def metrics(total: PixelClusterStats, wall: float, merged) -> dict[str, float]:
+        out = total.as_metrics()
+        out.update({"cluster/classes": float(len(classes)), "cluster/wall_seconds": float(wall)})
+        if merged is not None:
+            out["cluster/dataset_samples"] = float(merged.num_samples)
+        return out
+
+    return sm.run(labeller, PixelClusterStats(), same_size=True, allow_parts=p.allow_parts, metrics=metrics,
+                  publish=lambda out: write_json(out / LABEL_MAP_FILE, label_map, indent=1))
 
 
 def _metrics(total: PixelClusterStats, summary: dict, k: int, wall: float, merged) -> dict[str, float]:

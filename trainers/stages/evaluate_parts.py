@@ -26,6 +26,19 @@ over classes), ``eval/<s>/miou`` (majority mapping of clusters to parts, class m
 ``eval/<s>/R50_<k>`` for k in ``max_dets`` (class-agnostic, ``PartProposalRecall``), ``eval/<s>/num_parts``;
 ``eval/num_images``, ``eval/pred/objects_per_image`` (detections kept). The pipeline promotes on ``eval/gt/miou``.
 
+Ground truth (``params.reference``): ``parts``, the eval records' part masks; or ``pseudo_labels``, the eval records'
+``proposals`` with their cluster ids standing in as part categories (a pseudo-labeller's clusters on held-out images
+with no part labels, e.g. ``rank-parts`` run on them: the label-free selection criterion, best read through the
+permutation-free NMI; an eval dataset with part labels is refused).
+
+Predictions as files (``outputs.dataset``, versioned with DVC by the runner; the results files logged on the stage's
+MLflow run), written by rank 0 after gathering every rank's share (``trainers.evaluation.part_predictions``):
+``images.json``, per setting ``results-<s>.json`` (COCO results of disjoint segments, one per (object, object class,
+cluster): image_id, category_id of the (class, cluster) label, object_class, cluster, object, RLE, score) and
+``proposals-<s>.json`` (the AR@k part masks with scores), ``objects-pred.json`` (the detections the pred setting
+conditions on), ``metrics.json``. The metrics are computed from exactly those segments, so
+``score_part_results`` re-scores the files to the reported numbers.
+
 Per-class values (NMI, ARI, mIoU both ways, IoU per part, by class id and name) go to
 ``<workdir>/per_class.json`` (also an artifact of the stage's MLflow run): ``{"gt": {"<class id>": {...}},
 "pred": {...}}``.
@@ -40,7 +53,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from contract.io import write_atomic
+from contract.io import write_atomic, write_json
 from contract.spec import StageSpec
 from contract.stages import params_of
 from trainers.comm import Dist, init_distributed
@@ -48,9 +61,12 @@ from trainers.data import shards
 from trainers.data.batches import images_to_tensor, iter_batches
 from trainers.engine import MetricLogger
 from trainers.evaluation import PartClusteringEvaluator, PartProposalRecall
-from trainers.evaluation.part_predictions import jsonable, labels_predictions, model_predictions
-from trainers.evaluation.proposals import metric_key, stored_proposals
-from trainers.inputs import StageInputError, dataset_input, load_model_input, model_input_path, stage_device
+from trainers.evaluation.clustering import NONE, paint_label_map
+from trainers.evaluation.part_predictions import (encode_segments, jsonable, labels_predictions,
+                                                  ranker_file_predictions, score_part_prediction, write_part_results)
+from trainers.evaluation.proposals import metric_key, reference_record, stored_proposals
+from trainers.inputs import (StageInputError, dataset_input, load_model_input, model_input_path, output_dataset,
+                             stage_device)
 from trainers.models.io import load_ranker
 from trainers.parts.objects import image_objects
 from trainers.stages import StageResult
@@ -100,9 +116,17 @@ class _Evaluators:
         self.clustering = {s: PartClusteringEvaluator() for s in p.settings}
         self.recall = {s: PartProposalRecall(max_dets=p.max_dets, clip_to_objects=(s == "gt")) for s in p.settings}
         self.counts = torch.zeros(3, dtype=torch.float64)
+        self.written: list[tuple[dict, dict[str, dict]]] = []  # (image, setting -> prediction) for the files
+
+    def score(self, key: str, record: dict, predictions: dict[str, dict], gt_objects: bool) -> None:
+        """Score one image's predictions (per setting) from their file form, and keep them for the files."""
+        for s, pred in predictions.items():
+            score_part_prediction(self.clustering[s], self.recall[s], record, pred, gt_objects=gt_objects and s == "gt")
+        self.written.append(({"key": key, "height": record["height"], "width": record["width"]}, predictions))
 
     def merge(self, other: "_Evaluators") -> None:
         self.counts += other.counts
+        self.written += other.written
         for s in self.settings:
             self.clustering[s].merge(other.clustering[s])
             self.recall[s].merge(other.recall[s])
@@ -115,19 +139,25 @@ def run(spec: StageSpec) -> StageResult | None:
     device = stage_device(spec)
     d = init_distributed(device.type == "cuda")
     eval_path = dataset_input(spec, "eval")
-    categories = shards.DatasetIndex.load(eval_path).categories
+    out = output_dataset(spec)
+    index = shards.DatasetIndex.load(eval_path)
+    if p.reference == "pseudo_labels" and index.has_parts:
+        raise StageInputError(f"inputs.datasets.eval ({eval_path}): has part labels; reference: pseudo_labels (the "
+                              "label-free criterion) reads held-out images without them")
+    categories = index.categories
     src = _Sources(spec, p, d, device, eval_path)
     ev = _Evaluators(p)
     logger = MetricLogger(spec, d.is_main, total=shards.num_samples_for(eval_path, rank=d.rank, world_size=d.world_size),
                           initial=0)
     try:
         for keys, images, records in iter_batches(eval_path, p.batch_size, rank=d.rank, world_size=d.world_size,
-                                                  allow_parts=True):
+                                                  allow_parts=p.reference == "parts"):
             ev.counts[0] += len(keys)
+            records = [reference_record(r, p.reference) for r in records]
             if src.kind == "labels":
                 _process_labels(ev, src, keys, records)
             else:
-                _process_model(ev, src, p, images, records, categories, device)
+                _process_model(ev, src, p, keys, images, records, categories, device)
             logger.advance(len(keys))
         gathered = [None] * d.world_size if d.is_main else None
         dist.gather_object(ev, gathered, dst=0)  # objects: any backend, CPU state
@@ -138,44 +168,65 @@ def run(spec: StageSpec) -> StageResult | None:
         metrics, per_class = _metrics(ev, src.kind, categories)
         per_class_path = write_atomic(Path(spec.outputs.workdir) / PER_CLASS_FILE,
                                       json.dumps(per_class, indent=1, sort_keys=True))
+        files = write_part_results(out, [im for im, _ in ev.written],
+                                   {s: [preds[s] for _, preds in ev.written] for s in p.settings}, categories,
+                                   p.max_dets, gt_class_map=["gt"] if src.kind == "model" else [])
+        write_json(out / "metrics.json", metrics)
         logger.log(0, metrics)
         if spec.tracking.run_id is not None:
             from mlflow.tracking import MlflowClient
 
-            MlflowClient(tracking_uri=spec.tracking.mlflow_uri).log_artifact(spec.tracking.run_id, str(per_class_path))
+            client = MlflowClient(tracking_uri=spec.tracking.mlflow_uri)
+            client.log_artifact(spec.tracking.run_id, str(per_class_path))
+            for name, path in files.items():
+                if name.startswith(("results-", "images")):
+                    client.log_artifact(spec.tracking.run_id, path, "predictions")
     finally:
         logger.close()
-    return StageResult(metrics=metrics)
+    return StageResult(metrics=metrics, dataset_path=str(out))
 
 
 def _process_labels(ev: _Evaluators, src: _Sources, keys, records) -> None:
     ev.counts[1] += sum(key not in src.stored for key in keys)
     for key, record in zip(keys, records):
+        stored = src.stored.get(key, [])
+        objects = _label_objects(record, stored)
+        preds = {}
         for s in ev.settings:
-            clusters, classes, props = labels_predictions(record, src.stored.get(key, []), s)
-            ev.clustering[s].process(record, clusters, classes)
-            ev.recall[s].process(record, props)
+            clusters, classes, props = labels_predictions(record, stored, s)
+            preds[s] = {"segments": encode_segments(clusters, classes, objects), "proposals": props}
+        ev.score(key, record, preds, gt_objects=False)
 
 
-def _process_model(ev: _Evaluators, src: _Sources, p, images, records, categories, device) -> None:
+def _label_objects(record: dict, proposals: list[dict]):
+    """HxW index (into the record's objects) of the object each labelled proposal pixel belongs to, painted as the
+    cluster map is (higher score wins); -1 where none or unknown."""
+    index = {o.get("id"): j for j, o in enumerate(record.get("objects", []))}
+    usable = [q for q in proposals if q.get("label") is not None and int(q["label"]) >= 0 and q.get("category_id") is not None]
+    return paint_label_map([q["segmentation"] for q in usable], [index.get(q.get("object_id"), NONE) for q in usable],
+                           int(record["height"]), int(record["width"]), [float(q.get("score", 1.0)) for q in usable])
+
+
+def _process_model(ev: _Evaluators, src: _Sources, p, keys, images, records, categories, device) -> None:
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):  # one forward per image size, never padded
         by_size.setdefault(image.shape[:2], []).append(i)
     for idx in by_size.values():
         x = images_to_tensor([images[i] for i in idx]).to(device)
         recs = [records[i] for i in idx]
+        preds: list[dict[str, dict]] = [{} for _ in idx]
         for s in ev.settings:
             if s == "gt":
                 objs = [image_objects(r, None, p.object_score_threshold, categories, device) for r in recs]
             else:
-                preds = src.teacher.predict(x, top_k=p.max_detections)
-                objs = [image_objects(r, pr, p.object_score_threshold, categories, device) for r, pr in zip(recs, preds)]
+                dets = src.teacher.predict(x, top_k=p.max_detections)
+                objs = [image_objects(r, pr, p.object_score_threshold, categories, device) for r, pr in zip(recs, dets)]
                 ev.counts[2] += sum(len(o[1]) for o in objs)
-            outs = model_predictions(src.model, src.label_map, x, [(m, cats) for m, _, cats in objs],
-                                     top_k=max(p.max_dets))
-            for record, (clusters, classes, props) in zip(recs, outs):
-                ev.clustering[s].process(record, clusters, None if s == "gt" else classes)
-                ev.recall[s].process(record, props)
+            for b, pred in enumerate(ranker_file_predictions(src.model, src.label_map, x, [(m, cats) for m, _, cats in objs],
+                                                             top_k=max(p.max_dets), with_objects=s == "pred")):
+                preds[b][s] = pred
+        for b, i in enumerate(idx):
+            ev.score(keys[i], records[i], preds[b], gt_objects=True)
 
 
 def _metrics(ev: _Evaluators, kind: str, categories: list[dict]) -> tuple[dict[str, float], dict]:

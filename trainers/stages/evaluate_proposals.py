@@ -11,6 +11,15 @@ Ground truth: ``datasets["eval"]`` (an evaluation split with ``parts``). The pro
   or ``"detected"`` (``models["teacher"]``'s detections with score > ``score_threshold``), as in ``mine-parts``.
   Strip score: the strip's share of the image (``strip_record``).
 
+Ground truth (``params.reference``): ``parts``, the eval records' part masks; or ``pseudo_labels``, the eval records'
+``proposals`` standing in as parts (a teacher's pseudo-labels on held-out images with no part labels, e.g.
+``mine-parts`` run on them: the label-free selection criterion; an eval dataset with part labels is refused).
+
+Predictions as files (``outputs.dataset``, versioned with DVC by the runner; ``proposals.json`` logged on the stage's
+MLflow run): ``images.json`` (image ids -> dataset keys, the k of AR@k, clipping, reference) and ``proposals.json``
+(COCO results: image_id, category_id 1, RLE segmentation, score), written by rank 0 after gathering every rank's
+share; ``trainers.evaluation.proposals.score_proposal_results`` re-scores them to the same AR@k.
+
 Params: ``python -m trainers evaluate-proposals --help``.
 
 Metrics. MLflow metric names may not contain ``@``, so ``AR@k`` is written ``AR_k``:
@@ -25,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from contract.io import write_json
 from contract.spec import StageSpec
 from contract.stages import params_of
 from trainers.comm import init_distributed
@@ -33,8 +43,9 @@ from trainers.data.batches import images_to_tensor, iter_batches
 from trainers.engine import MetricLogger
 from trainers.evaluation import PartProposalRecall, coco_proposal_ar, strip_record
 from trainers.evaluation.baselines import strip_proposals_of_masks
-from trainers.evaluation.proposals import COCO_MAX_DETS, metric_key, stored_proposals
-from trainers.inputs import dataset_input, load_model_input, stage_device
+from trainers.evaluation.proposals import (COCO_MAX_DETS, metric_key, reference_record, stored_proposals,
+                                           write_proposal_results)
+from trainers.inputs import StageInputError, dataset_input, load_model_input, output_dataset, stage_device
 from trainers.stages import StageResult
 from trainers.structures import encode_masks
 
@@ -65,6 +76,11 @@ def run(spec: StageSpec) -> StageResult | None:
     device = stage_device(spec)
     d = init_distributed(device.type == "cuda")
     eval_path = dataset_input(spec, "eval")
+    out = output_dataset(spec)
+    with_parts = p.reference == "parts"
+    if not with_parts and shards.DatasetIndex.load(eval_path).has_parts:
+        raise StageInputError(f"inputs.datasets.eval ({eval_path}): has part labels; reference: pseudo_labels (the "
+                              "label-free criterion) reads held-out images without them")
     model = None
     if source == "model":
         model = load_model_input(spec, "parts" if "parts" in spec.inputs.models else "candidate", device)
@@ -78,17 +94,21 @@ def run(spec: StageSpec) -> StageResult | None:
 
     recall = PartProposalRecall(max_dets=max_dets, clip_to_objects=clip)
     gathered: list[tuple[dict, list[dict]]] = []  # (GT parts record, proposals) for COCOeval
+    written: list[tuple[dict, list[dict]]] = []  # (image, proposals) for the results files
     counts = torch.zeros(3, dtype=torch.float64)  # images, proposals, images without proposals
     total = shards.num_samples_for(eval_path, rank=d.rank, world_size=d.world_size)
     logger = MetricLogger(spec, d.is_main, total=total, initial=0)
     try:
         for keys, images, records in iter_batches(eval_path, batch_size, rank=d.rank, world_size=d.world_size,
-                                                  allow_parts=True):
+                                                  allow_parts=with_parts):
             preds = predict(source, model, keys, images, records, stored, k=k, objects=objects,
                             score_threshold=score_threshold, max_detections=max_detections, top_k=top_k,
                             device=device)
-            for record, props in zip(records, preds):
+            for key, record, props in zip(keys, records, preds):
+                record = reference_record(record, p.reference)
                 recall.process(record, props)
+                written.append(({"key": key, "height": record["height"], "width": record["width"]},
+                                [{"segmentation": q["segmentation"], "score": float(q.get("score", 1.0))} for q in props]))
                 counts += torch.tensor([1.0, len(props), float(not props)], dtype=torch.float64)
                 if use_coco:
                     lite = {k_: record[k_] for k_ in ("height", "width", "objects", "parts") if k_ in record}
@@ -103,6 +123,8 @@ def run(spec: StageSpec) -> StageResult | None:
         everything = [None] * d.world_size if d.is_main else None
         if use_coco:
             dist.gather_object(gathered, everything, dst=0)
+        files = [None] * d.world_size if d.is_main else None
+        dist.gather_object(written, files, dst=0)
         if not d.is_main:
             return None
         recall.hits = hits.round().to(torch.int64).numpy()
@@ -118,10 +140,22 @@ def run(spec: StageSpec) -> StageResult | None:
         metrics["eval/num_images"] = n_images
         metrics["eval/proposals_per_image"] = float(counts[1]) / max(n_images, 1.0)
         metrics["eval/images_without_proposals"] = float(counts[2])
+        pairs = [pair for part in files for pair in part]
+        results = write_proposal_results(out, [im for im, _ in pairs], [q for _, q in pairs], max_dets, clip, p.reference)
+        write_json(out / "metrics.json", metrics)
         logger.log(0, metrics)
+        _log_artifact(spec, results["proposals.json"])
     finally:
         logger.close()
-    return StageResult(metrics=metrics)
+    return StageResult(metrics=metrics, dataset_path=str(out))
+
+
+def _log_artifact(spec: StageSpec, path: str) -> None:
+    if spec.tracking.run_id is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=spec.tracking.mlflow_uri).log_artifact(spec.tracking.run_id, path, "predictions")
 
 
 @torch.no_grad()

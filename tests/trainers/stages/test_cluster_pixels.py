@@ -111,7 +111,8 @@ def test_an_eval_split_is_clustered_with_allow_parts_and_evaluated_as_a_labels_d
     samples = list(shards.iter_samples(tmp_path / "kmeans", decode=False))  # no part labels: readable by training
     assert len(samples) == 6 and all("parts" not in r for _, _, r in samples)
     m = evaluate(stage_spec("evaluate-parts", tmp_path / "w2", nproc=1, params={"settings": ["gt"]},
-                            datasets={"eval": world["eval"], "labels": tmp_path / "kmeans"})).metrics
+                            datasets={"eval": world["eval"], "labels": tmp_path / "kmeans"},
+                            dataset_out=tmp_path / "predictions")).metrics
     assert 0 < m["eval/gt/miou"] <= 1 and m["eval/gt/num_classes"] == 3 and m["eval/images_without_labels"] == 0
 
 
@@ -145,6 +146,37 @@ def test_the_one_stage_baseline_self_trains_on_the_labels_and_is_evaluated(tmp_p
     eval_split = write_world64(tmp_path / "eval", "eval", 4, shard_size=2)
     m = evaluate(stage_spec("evaluate-parts", tmp_path / "w-eval", datasets={"eval": eval_split},
                             models={"candidate": model, "instance_teacher": world["teacher"]}, nproc=1,
-                            params={"object_score_threshold": 0.0, "max_detections": 2})).metrics
+                            params={"object_score_threshold": 0.0, "max_detections": 2},
+                            dataset_out=tmp_path / "predictions")).metrics
     assert all(0.0 <= m[f"eval/{s}/{k}"] <= 1.0 for s in ("gt", "pred") for k in ("nmi", "ari", "miou", "AR_200"))
     assert (tmp_path / "w-eval" / "per_class.json").exists()
+
+
+def test_the_train_fit_labels_held_out_images_without_refitting(tmp_path, world, one_rank):
+    """Issue 11 item 3: the k-means baseline fitted on the train split and applied to the eval split."""
+    _, fitted, lmap = cluster(tmp_path, world, name="fit", k=4)
+    assert sorted(p.name for p in (tmp_path / "fit" / "clusters").glob("class-*.npz")) == [f"class-{c}.npz" for c in (1, 2, 3)]
+    eval_split = write_world64(tmp_path / "eval", "eval", 6, shard_size=3)
+    spec = stage_spec("cluster-pixels", tmp_path / "w-apply", datasets={"images": eval_split, "centroids": tmp_path / "fit"},
+                      models={"teacher": world["teacher"]}, dataset_out=tmp_path / "applied", nproc=1,
+                      params={"objects": "gt", "k": 4, "allow_parts": True})
+    m = run(spec).metrics
+    samples = list(shards.iter_samples(tmp_path / "applied", decode=False))
+    assert len(samples) == 6 and m["cluster/dataset_samples"] == 6 and m["cluster/pixels_spilled"] == 0  # no new k-means
+    assert LabelMap.load(tmp_path / "applied") == lmap
+    check_labels(samples, lmap, k=4)
+    # the same images labelled by the fit and by the stage applied to them agree pixel for pixel
+    spec = stage_spec("cluster-pixels", tmp_path / "w-self", datasets={"images": world["train"], "centroids": tmp_path / "fit"},
+                      models={"teacher": world["teacher"]}, dataset_out=tmp_path / "self", nproc=1,
+                      params={"objects": "gt", "k": 4})
+    run(spec)
+    again = list(shards.iter_samples(tmp_path / "self", decode=False))
+    assert [r["proposals"] for _, _, r in again] == [r["proposals"] for _, _, r in fitted]
+
+
+def test_a_dataset_without_a_fit_is_refused_as_centroids(tmp_path, world, one_rank):
+    from trainers.inputs import StageInputError
+
+    with pytest.raises(StageInputError, match="not a cluster-pixels dataset"):
+        run(stage_spec("cluster-pixels", tmp_path / "w", datasets={"images": world["train"], "centroids": world["train"]},
+                       models={"teacher": world["teacher"]}, dataset_out=tmp_path / "out", nproc=1, params={"objects": "gt"}))

@@ -8,6 +8,7 @@ from runtime_helpers import run_stage
 from stage_helpers import result, stage_spec, tiny_segmenter_file, write_proposals_dataset, write_world64
 from trainers.data import shards
 from trainers.evaluation import PartProposalRecall, coco_proposal_ar, strip_baseline
+from trainers.evaluation.proposals import score_proposal_results
 from trainers.stages.evaluate_proposals import run
 
 
@@ -21,7 +22,7 @@ def data(tmp_path_factory):
 
 def evaluate(tmp_path, data, datasets=None, models=None, **params):
     spec = stage_spec("evaluate-proposals", tmp_path / "work", datasets={"eval": data["eval"], **(datasets or {})},
-                      models=models, nproc=1, params=params)
+                      models=models, nproc=1, params=params, dataset_out=tmp_path / "predictions")
     return run(spec).metrics
 
 
@@ -87,7 +88,31 @@ def test_two_ranks_report_the_same_figures_as_one(tmp_path, data):
     figures = {}
     for nproc in (1, 2):
         spec = stage_spec("evaluate-proposals", tmp_path / f"w{nproc}", datasets={"eval": data["eval"]}, nproc=nproc,
-                          params={"baseline": "strips"})
+                          params={"baseline": "strips"}, dataset_out=tmp_path / f"predictions{nproc}")
         run_stage(spec, nproc=nproc)
         figures[nproc] = result(tmp_path / f"w{nproc}")["metrics"]
     assert figures[1] == pytest.approx(figures[2])
+
+
+@pytest.mark.parametrize("source", ["strips", "model"])
+def test_the_written_proposals_file_rescores_to_the_reported_recall(tmp_path, data, one_rank, source):
+    """Item 2 of the issue: AR@k is reproducible from proposals.json alone, with the same evaluator."""
+    import json
+
+    m = evaluate(tmp_path, data, baseline="strips") if source == "strips" else \
+        evaluate(tmp_path, data, models={"parts": data["model"]}, top_k=5)
+    out = tmp_path / "predictions"
+    res = json.loads((out / "proposals.json").read_text())
+    assert res and set(res[0]) == {"image_id", "category_id", "segmentation", "score"}
+    rescored = score_proposal_results(data["eval"], out)
+    assert rescored == {k: v for k, v in m.items() if k.startswith(("eval/AR_", "eval/R50_")) or k == "eval/num_parts"}
+
+
+def test_the_pseudo_label_reference_reads_no_part_labels(tmp_path, data, one_rank):
+    """The label-free criterion: recall of the teacher's pseudo-labels on held-out images without part labels."""
+    from trainers.inputs import StageInputError
+
+    with pytest.raises(StageInputError, match="has part labels"):
+        evaluate(tmp_path, data, datasets={"proposals": data["gt_parts"]}, reference="pseudo_labels")
+    m = evaluate(tmp_path, {"eval": data["gt_parts"]}, datasets={"proposals": data["gt_parts"]}, reference="pseudo_labels")
+    assert m["eval/AR_10"] == pytest.approx(1.0) and m["eval/num_parts"] > 0
