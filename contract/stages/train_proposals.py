@@ -1,7 +1,7 @@
 """``train-proposals``: the class-agnostic part decoder D^p trained on part proposals (PartDistillation sec. 4.2)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -28,6 +28,9 @@ class TrainProposalsParams(TrainParams):
         description="D^p's decoder, loss and top_k (a SegmenterConfig without encoder); a given dict is deep-merged over "
                     "this default. The encoder is always the teacher's, frozen (sec. 4.1), and decoder.num_classes is 1.")
     flip_prob: float = Field(default=0.5, ge=0, le=1, description="Horizontal flip probability (augmentation).")
+    augment: Literal["flip", "strong"] = Field(default="flip", description="flip: random horizontal flips only; strong: the self-training student's strong augmentation (flip, random resized crop of crop_scale of the area, colour jitter), the teacher's labels transformed with the image.")
+    crop_scale: tuple[float, float] = Field(default=(0.3, 1.0), description="augment strong: the random crop's share of the image area (min, max), resized back to the image size.")
+    color_jitter: float = Field(default=0.4, ge=0, lt=1, description="augment strong: brightness, contrast and saturation factors drawn in [1 - this, 1 + this].")
     round: int = Field(default=1, ge=1, description="The self-training round (sec. 4.2), recorded in the model file.")
 
     _merge_model = field_validator("model", mode="before")(lambda cls, v: merged_over(MODEL)(v))

@@ -1,7 +1,7 @@
 """``train-ranker``: final self-training of the class-specific part model on cluster ids (PartDistillation sec. 4.3)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -19,6 +19,10 @@ class TrainRankerParams(TrainParams):
         description="Overrides (decoder, loss, top_k) deep-merged over the part model's SegmenterConfig; the encoder is the "
                     "part model's, frozen, and decoder.num_classes is the label map's number of (class, cluster) labels.")
     flip_prob: float = Field(default=0.5, ge=0, le=1, description="Horizontal flip probability (augmentation).")
+    augment: Literal["flip", "strong"] = Field(default="flip", description="flip: random horizontal flips only; strong: the self-training student's strong augmentation (flip, random resized crop of crop_scale of the area, colour jitter), the teacher's labels transformed with the image.")
+    crop_scale: tuple[float, float] = Field(default=(0.3, 1.0), description="augment strong: the random crop's share of the image area (min, max), resized back to the image size.")
+    color_jitter: float = Field(default=0.4, ge=0, lt=1, description="augment strong: brightness, contrast and saturation factors drawn in [1 - this, 1 + this].")
+    min_density_score: float = Field(default=0.0, ge=0, le=1, description="Pseudo-labels whose eq. 2 density score (the proposal's score in a rank-parts dataset) is below this are not targets (the eq. 2 score as the pseudo-label's confidence).")
     round: int = Field(default=1, ge=1, description="The final self-training round (sec. 4.3), recorded in the model file.")
 
 

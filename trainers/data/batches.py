@@ -78,6 +78,79 @@ class ToTrainSample:
         return images_to_tensor([image])[0], target
 
 
+def resized_crop(image: Tensor, masks: Tensor, top: int, left: int, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Crop ``image [3, H, W]`` and ``masks [M, H, W]`` to the box, then resize both back to H x W (bilinear; masks
+    nearest): scale jitter that keeps the batch's image size."""
+    import torch.nn.functional as F
+
+    h, w = image.shape[-2:]
+    img = F.interpolate(image[None, :, top:top + height, left:left + width], size=(h, w), mode="bilinear",
+                        align_corners=False)[0]
+    if masks.shape[0] == 0:
+        return img, masks.new_zeros((0, h, w))
+    m = F.interpolate(masks[:, top:top + height, left:left + width][None].float(), size=(h, w), mode="nearest")[0]
+    return img, m > 0.5
+
+
+def color_jitter(image: Tensor, rng: np.random.Generator, brightness: float, contrast: float, saturation: float) -> Tensor:
+    """Random brightness, contrast and saturation factors in [1 - s, 1 + s], applied in a random order (as torchvision's
+    ColorJitter), on a float [3, H, W] image in [0, 1]."""
+    gray = lambda x: (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]  # noqa: E731
+    ops = []
+    if brightness > 0:
+        f = rng.uniform(1 - brightness, 1 + brightness)
+        ops.append(lambda x: x * f)
+    if contrast > 0:
+        c = rng.uniform(1 - contrast, 1 + contrast)
+        ops.append(lambda x: (x - gray(x).mean()) * c + gray(x).mean())
+    if saturation > 0:
+        s_ = rng.uniform(1 - saturation, 1 + saturation)
+        ops.append(lambda x: (x - gray(x)) * s_ + gray(x))
+    for i in rng.permutation(len(ops)):
+        image = ops[i](image).clamp_(0.0, 1.0)
+    return image
+
+
+class StrongAugment:
+    """Engine transform of the self-training student (PartDistillation sec. 2: "heavily augmenting the students
+    inputs"): random horizontal flip, random resized crop (scale jitter: a box of ``scale`` of the image area and
+    aspect ratio in ``ratio``, resized back to the image size) and colour jitter. The targets are the teacher's labels,
+    made on the un-augmented image, transformed with it; a target the crop leaves empty is dropped.
+    ``targets`` as :class:`ToTrainSample`'s. Randomness from numpy's global generator (seeded per rank by the engine)."""
+
+    def __init__(self, targets, flip_prob: float = 0.5, scale: tuple[float, float] = (0.3, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), brightness: float = 0.4, contrast: float = 0.4,
+                 saturation: float = 0.4):
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+        self.targets, self.flip_prob, self.scale, self.ratio = targets, flip_prob, scale, ratio
+        self.jitter = (brightness, contrast, saturation)
+
+    def box(self, rng: np.random.Generator, h: int, w: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of a random crop (torchvision's RandomResizedCrop sampling, 10 tries, then the
+        whole image)."""
+        for _ in range(10):
+            area = h * w * rng.uniform(*self.scale)
+            aspect = np.exp(rng.uniform(np.log(self.ratio[0]), np.log(self.ratio[1])))
+            cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+        return 0, 0, h, w
+
+    def __call__(self, sample):
+        _, image, record = sample
+        target = self.targets(record)
+        rng = np.random.default_rng(np.random.randint(2**31))
+        if self.flip_prob > 0 and rng.random() < self.flip_prob:
+            image, target = hflip(image, target)
+        img = images_to_tensor([image])[0]
+        h, w = img.shape[-2:]
+        img, masks = resized_crop(img, target["masks"], *self.box(rng, h, w))
+        keep = masks.flatten(1).any(1) if masks.shape[0] else torch.zeros(0, dtype=torch.bool)
+        target = {**{k: v[keep] for k, v in target.items() if k != "masks"}, "masks": masks[keep]}
+        return color_jitter(img, rng, *self.jitter), target
+
+
 def collate(items: list[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:
     images, targets = zip(*items)
     return torch.stack(images), list(targets)

@@ -19,15 +19,17 @@ from trainers.structures import encode_masks, masks_iou
 
 
 class RankerTargets:
-    """SetCriterion targets of a ranked-parts record: every proposal with label ``offset[category] + cluster``."""
+    """SetCriterion targets of a ranked-parts record: every proposal with label ``offset[category] + cluster`` whose
+    score (rank-parts: the eq. 2 density) is at least ``min_score`` (0: every proposal)."""
 
-    def __init__(self, label_map: LabelMap):
-        self.label_map = label_map
+    def __init__(self, label_map: LabelMap, min_score: float = 0.0):
+        self.label_map, self.min_score = label_map, min_score
 
     def __call__(self, record: dict) -> dict[str, torch.Tensor]:
         h, w = int(record["height"]), int(record["width"])
         kept = [(lab, p) for p in record.get("proposals", [])
-                if (lab := self.label_map.label(p["category_id"], p["label"])) is not None]
+                if (lab := self.label_map.label(p["category_id"], p["label"])) is not None
+                and (self.min_score <= 0 or float(p.get("score", 1.0)) >= self.min_score)]
         return {"labels": torch.tensor([lab for lab, _ in kept], dtype=torch.int64),
                 "masks": masks_tensor([p["segmentation"] for _, p in kept], h, w)}
 

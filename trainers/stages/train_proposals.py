@@ -16,7 +16,7 @@ import torch
 
 from contract.spec import StageSpec
 from contract.stages import params_of
-from trainers.data.batches import ToTrainSample, collate, proposal_targets
+from trainers.data.batches import StrongAugment, ToTrainSample, collate, proposal_targets
 from trainers.engine import fit
 from trainers.inputs import StageInputError, dataset_input, load_model_input
 from trainers.models.io import save_segmenter
@@ -56,8 +56,11 @@ def run(spec: StageSpec) -> StageResult | None:
             model.load_state_dict(init_state, strict=False)
         return model
 
-    result = fit(spec, p, build_model=build_model, loss_fn=set_loss,
-                 transform=ToTrainSample(proposal_targets, p.flip_prob), collate=collate, dataset="proposals")
+    transform = ToTrainSample(proposal_targets, p.flip_prob) if p.augment == "flip" else \
+        StrongAugment(proposal_targets, p.flip_prob, p.crop_scale, brightness=p.color_jitter, contrast=p.color_jitter,
+                      saturation=p.color_jitter)
+    result = fit(spec, p, build_model=build_model, loss_fn=set_loss, transform=transform, collate=collate,
+                 dataset="proposals")
     if not result.dist.is_main:
         return None
     model_path = Path(spec.outputs.workdir) / "model.pt"

@@ -18,7 +18,7 @@ import torch
 
 from contract.spec import StageSpec
 from contract.stages import params_of
-from trainers.data.batches import ToTrainSample, collate
+from trainers.data.batches import StrongAugment, ToTrainSample, collate
 from trainers.engine import fit
 from trainers.inputs import StageInputError, dataset_input, load_model_input, model_input_path
 from trainers.models.io import read_segmenter_file, save_segmenter
@@ -54,8 +54,12 @@ def run(spec: StageSpec) -> StageResult | None:
         model.load_state_dict(initial_state(model, source), strict=False)
         return model
 
-    result = fit(spec, p, build_model=build_model, loss_fn=set_loss,
-                 transform=ToTrainSample(RankerTargets(lmap), p.flip_prob), collate=collate, dataset="ranked_parts")
+    targets = RankerTargets(lmap, min_score=p.min_density_score)
+    transform = ToTrainSample(targets, p.flip_prob) if p.augment == "flip" else \
+        StrongAugment(targets, p.flip_prob, p.crop_scale, brightness=p.color_jitter, contrast=p.color_jitter,
+                      saturation=p.color_jitter)
+    result = fit(spec, p, build_model=build_model, loss_fn=set_loss, transform=transform, collate=collate,
+                 dataset="ranked_parts")
     if not result.dist.is_main:
         return None
     model_path = Path(spec.outputs.workdir) / "model.pt"
