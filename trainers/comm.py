@@ -41,9 +41,10 @@ def on_gpu(spec: StageSpec) -> bool:
 
 
 def init_distributed(gpu: bool) -> Dist:
-    """Join the process group torchrun (or the training operator) describes; a lone process is world size 1."""
-    import deepspeed
+    """Join the process group torchrun (or the training operator) describes; a lone process is world size 1.
 
+    Plain ``torch.distributed`` (env:// rendezvous): labelling and evaluating stages never import DeepSpeed (seconds
+    of start-up per rank); a training stage's ``deepspeed.initialize`` adopts this group (``trainers.engine``)."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
@@ -56,11 +57,9 @@ def init_distributed(gpu: bool) -> Dist:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU *inference* (minutes on a fresh
-        # machine, rebuilt when processes race on the cache); training never uses it.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", verbose=False)
+        dist.init_process_group(backend="nccl" if gpu else "gloo", init_method="env://",
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device)
 
 
