@@ -4,14 +4,17 @@ control plane of tests/cluster (real kube-apiserver, etcd, training operator v1.
     .venv/bin/python benchmarks/k8s_faults.py --trials 3 [--only api-outage,...] [--outage 30]
 
 Each trial runs one small stage (Master + Worker, kwok pods) through the kubernetes executor and injects one
-fault while it runs; components are stopped and started with tests/cluster/component. Unlike the CI test, the
-API outage leaves the controllers to reconnect by themselves (client-go backs off up to a minute). Prints a
+fault while it runs, each trial in its own process and namespace; components are stopped and started with
+tests/cluster/component. Unlike the CI test, the API outage leaves the controllers to reconnect by themselves
+(client-go backs off up to a minute); once the stage has finished they are restarted, so that the next trial
+starts on a quick cluster. Prints a
 Markdown table: trials / recovered / work lost (attempts restarted beyond what the fault requires, jobs lost) and
 the mean seconds per trial. The trials share their helpers with tests/k8s/test_kubernetes_faults.py.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -57,9 +60,22 @@ def trial_api_outage(c: Cluster, ns: str, tmp: Path, outage: float) -> tuple[boo
         time.sleep(outage)
     finally:
         component(c, "start", "kube-apiserver")
-    result = bg.result(timeout=outage + 300)
+    back = time.monotonic()
+    try:
+        result = bg.result(timeout=outage + 300)
+    finally:
+        settle(c)
     ok = result.attempts == 1 and result.replicas[0].exit_code == 0
-    return ok, result.attempts - 1, f"uid {running['metadata']['uid'][:8]}, attempts {result.attempts}"
+    return ok, result.attempts - 1, (f"uid {running['metadata']['uid'][:8]}, attempts {result.attempts}, "
+                                     f"finished {time.monotonic() - back:.0f}s after the API server was back")
+
+
+def settle(c: Cluster) -> None:
+    """After an outage the controllers back off up to a minute before they reconnect (client-go): restart them so
+    that the next trial starts on a quick cluster (the trial itself has let them reconnect by themselves)."""
+    for name in ("kube-scheduler", "kube-controller-manager", "kwok", "training-operator"):
+        component(c, "stop", name)
+        component(c, "start", name)
 
 
 def trial_operator_restart(c: Cluster, ns: str, tmp: Path, _: float) -> tuple[bool, int, str]:
@@ -134,32 +150,51 @@ CLASSES = {
 }
 
 
+def one_trial(key: str, outage: float, out: Path) -> dict:
+    """One trial in this process (a fresh namespace); the parent runs each in a subprocess, so that an executor
+    thread of a trial that broke dies with it."""
+    c = cluster()
+    ns = c.new_namespace(f"bench-{key}")
+    t0 = time.monotonic()
+    try:
+        ok, extra, detail = CLASSES[key][1](c, ns, out, outage)
+    except Exception as e:  # noqa: BLE001 - a trial that breaks counts as not recovered, with why
+        ok, extra, detail = False, 0, f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        c.delete_namespace(ns)
+    return {"ok": bool(ok), "extra": max(int(extra), 0), "detail": detail, "seconds": time.monotonic() - t0}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated classes: " + ", ".join(CLASSES))
     ap.add_argument("--outage", type=float, default=30.0, help="seconds the API server is stopped")
     ap.add_argument("--out", type=Path, default=Path("/tmp/selftrain-k8s-faults"))
+    ap.add_argument("--trial", default="", help=argparse.SUPPRESS)  # internal: run one trial, print its JSON
     args = ap.parse_args()
+    if args.trial:
+        print("RESULT " + json.dumps(one_trial(args.trial, args.outage, args.out / f"{args.trial}-{uuid.uuid4().hex[:6]}")), flush=True)
+        return 0
     only = [k for k in args.only.split(",") if k] or list(CLASSES)
-    c = cluster()
+    cluster()
     rows = []
     for key in only:
-        what, trial = CLASSES[key]
+        what = CLASSES[key][0]
         recovered, lost, seconds = 0, 0, 0.0
         for i in range(args.trials):
-            ns = c.new_namespace(f"bench-{key}")
-            t0 = time.monotonic()
+            cmd = [sys.executable, __file__, "--trial", key, "--outage", str(args.outage), "--out", str(args.out)]
             try:
-                ok, extra, detail = trial(c, ns, args.out / f"{key}-{i}-{uuid.uuid4().hex[:4]}", args.outage)
-            except Exception as e:  # noqa: BLE001 - a trial that breaks counts as not recovered, with why
-                ok, extra, detail = False, 0, f"{type(e).__name__}: {str(e)[:300]}"
-            finally:
-                c.delete_namespace(ns)
-            seconds += time.monotonic() - t0
-            recovered += ok
-            lost += max(extra, 0)
-            print(f"{key} trial {i + 1}: {'recovered' if ok else 'NOT recovered'} ({detail}) in {time.monotonic() - t0:.0f}s", flush=True)
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.outage + 900)
+                line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+                r = json.loads(line[len("RESULT "):]) if line else {
+                    "ok": False, "extra": 0, "seconds": 0.0, "detail": f"exit {p.returncode}: {p.stderr[-300:]}"}
+            except subprocess.TimeoutExpired:
+                r = {"ok": False, "extra": 0, "seconds": args.outage + 900, "detail": "timed out"}
+            seconds += r["seconds"]
+            recovered += r["ok"]
+            lost += r["extra"]
+            print(f"{key} trial {i + 1}: {'recovered' if r['ok'] else 'NOT recovered'} ({r['detail']}) in {r['seconds']:.0f}s", flush=True)
         rows.append((key, what, args.trials, recovered, lost, seconds / max(args.trials, 1)))
     print(f"\n`.venv/bin/python benchmarks/k8s_faults.py --trials {args.trials} --outage {args.outage:g}`"
           + (f" `--only {args.only}`" if args.only else "") + " on this machine: "
