@@ -252,6 +252,11 @@ def data_split(
     for s, i in idx.items():
         what = "images only" if i.notes["split"]["strip_labels"] else ("with parts" if i.has_parts else "objects, no parts")
         out.print(f"{s}: {i.num_samples} samples ({what}) -> {output / s}")
+        missing = i.notes.get("categories_without_objects") or []
+        if missing:
+            names = ", ".join(f"{c['name']} (id {c['id']})" for c in missing[:10]) + (" ..." if len(missing) > 10 else "")
+            out.print(f"[yellow]warning[/yellow]: {s} has no object of {len(missing)} class(es): {names}; a class-specific "
+                      "model trained on it never sees them (raise its fraction or change --seed)")
     out.print(f"next: selftrain data version {output} --push")
 
 

@@ -85,12 +85,15 @@ def assign(n: int, fractions: dict[str, float], seed: int) -> list[str]:
 
 
 def _samples(dataset_dir: Path, chosen: list[bool], keep_parts: bool, strip_labels: bool,
-             counts: dict) -> Iterator[tuple[str, bytes, dict]]:
+             counts: dict, per_category: dict[str, int]) -> Iterator[tuple[str, bytes, dict]]:
     for i, (key, image, record) in enumerate(iter_samples(dataset_dir, decode=False, allow_parts=True)):
         if i >= len(chosen):
             raise DataError(f"dataset holds more samples than its index says ({len(chosen)})", source=dataset_dir, key=key)
         if not chosen[i]:
             continue
+        if not strip_labels:
+            for o in record.get("objects", []):
+                per_category[str(o["category_id"])] = per_category.get(str(o["category_id"]), 0) + 1
         if strip_labels:
             counts["objects_stripped"] += len(record.get("objects", []))
             record["objects"] = []
@@ -100,6 +103,16 @@ def _samples(dataset_dir: Path, chosen: list[bool], keep_parts: bool, strip_labe
         yield key, image, record
 
 
+def _with_missing(samples: Iterator, categories: list[dict], per_category: dict[str, int], missing: list[dict],
+                  stripped: bool) -> Iterator:
+    """``samples`` unchanged; once exhausted (before the index is written), ``missing`` lists the categories with no
+    object in them (never for a split whose labels are stripped: it has none by design)."""
+    yield from samples
+    if not stripped:
+        missing.extend({"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in categories
+                       if per_category.get(str(c["id"]), 0) == 0)
+
+
 def split_dataset(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, fractions: dict[str, float] | str, *,
                   seed: int = 0, keep_parts: Iterable[str] = (), strip_labels: Iterable[str] = (),
                   name: str | None = None, shard_size: int = 1000) -> dict[str, DatasetIndex]:
@@ -107,7 +120,10 @@ def split_dataset(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, fr
 
     ``keep_parts``: splits that keep the part labels (evaluation/selection); the rest lose them.
     ``strip_labels``: splits that lose every label (objects, parts, proposals). Each index names its
-    source, the seed and the fractions in ``notes["split"]``. Dataset names are ``<name>-<split>``
+    source, the seed and the fractions in ``notes["split"]``, its object count per category in
+    ``notes["objects_per_category"]`` and the categories it has no object of in
+    ``notes["categories_without_objects"]`` (a small labeled fraction can miss a class: training class-specific on it
+    never sees that class). Dataset names are ``<name>-<split>``
     (``name`` defaults to the source's). ValueError for a bad split request, DataError for a bad dataset.
     """
     src = Path(dataset_dir)
@@ -131,13 +147,16 @@ def split_dataset(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, fr
     for split in fractions:
         keeps = split in keep_parts and index.has_parts
         counts = {"objects_stripped": 0, "parts_stripped": 0}
+        per_category: dict[str, int] = {}
         notes = {"split": {"of": str(src), "of_name": index.name, "of_split": index.split, "of_samples": index.num_samples,
                            "seed": int(seed), "fractions": fractions, "keep_parts": keeps,
                            "strip_labels": split in strip_labels},
-                 "stripped": counts}
+                 "stripped": counts, "objects_per_category": per_category}
+        notes["categories_without_objects"] = missing = []  # filled while writing: a labeled split lacking a class
         result[split] = write_dataset(
-            _samples(src, [w == split for w in which], keeps, split in strip_labels, counts), out / split,
-            name=f"{base}-{split}", split=split, categories=index.categories,
+            _with_missing(_samples(src, [w == split for w in which], keeps, split in strip_labels, counts, per_category),
+                          index.categories, per_category, missing, split in strip_labels),
+            out / split, name=f"{base}-{split}", split=split, categories=index.categories,
             part_categories=index.part_categories if keeps else None, shard_size=shard_size,
             source=index.source or str(src), notes=notes,
         )

@@ -122,3 +122,17 @@ def test_index_without_notes_is_unchanged(tmp_path: Path) -> None:
     idx = shards.write_dataset(partworld.generate(CFG, "train"), tmp_path / "t", name="t", split="train",
                                categories=partworld.category_table(CFG))
     assert "notes" not in json.loads((tmp_path / "t" / "index.json").read_text()) and idx.notes == {}
+
+
+def test_a_split_without_an_object_of_some_class_names_that_class(part_set: Path, tmp_path: Path) -> None:
+    """CaSP's bad input: a small labeled fraction can miss a class; the split's index counts objects per class and
+    names the classes it has none of (a stripped split, unlabeled by design, names none)."""
+    idx = splits.split_dataset(part_set, tmp_path / "s", "labeled=0.1,unlabeled=0.9", seed=0, strip_labels=["unlabeled"])
+    records = [r for _, _, r in shards.iter_samples(tmp_path / "s" / "labeled")]
+    present = {o["category_id"] for r in records for o in r["objects"]}
+    counts = idx["labeled"].notes["objects_per_category"]
+    assert {int(k) for k, v in counts.items() if v} == present
+    assert sum(counts.values()) == sum(len(r["objects"]) for r in records)
+    missing = {c["id"] for c in idx["labeled"].notes["categories_without_objects"]}
+    assert missing == {int(c["id"]) for c in idx["labeled"].categories} - present and missing
+    assert idx["unlabeled"].notes["categories_without_objects"] == []
