@@ -339,6 +339,7 @@ def load_config(path: str | Path, model: type[PipelineConfig] | None = None) -> 
     path = Path(path)
     import pipelines.partdistillation  # noqa: F401  (registers the built-in pipelines in PIPELINES)
     import pipelines.casp  # noqa: F401
+    import pipelines.luss  # noqa: F401
     import pipelines.dense  # noqa: F401
 
     if model is None:

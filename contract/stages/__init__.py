@@ -117,7 +117,8 @@ def params_of(spec: Any) -> Params:
 _MODULES = ("fit_objects", "instance_teacher", "mine_parts", "train_proposals", "evaluate_proposals", "pseudo_label",
             "rank_parts", "train_ranker", "rank_pseudo_label", "evaluate_parts", "cluster_pixels",
             "detect_pseudo_label", "evaluate_instances", "join_datasets",
-            "slotcon", "leopart", "evaluate_representation")
+            "slotcon", "leopart", "evaluate_representation",
+            "represent", "pixel_attention", "generate_labels", "finetune_segmentation", "evaluate_segmentation")
 
 
 def _load() -> dict[str, StageDefinition]:
