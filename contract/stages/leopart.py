@@ -26,6 +26,7 @@ class LeopartParams(DenseTrainParams):
     temperature: float = Field(default=0.1, gt=0, description="Softmax temperature of the predicted assignments.")
     sinkhorn_eps: float = Field(default=0.05, gt=0, description="Entropy regulariser of the Sinkhorn-Knopp targets (SwAV).")
     sinkhorn_iterations: int = Field(default=3, ge=1, description="Sinkhorn-Knopp iterations.")
+    freeze_prototypes_steps: int = Field(default=0, ge=0, description="The prototypes stay fixed for the first steps (SwAV's freeze_prototypes_niters): the head learns to spread tokens over them before they move.")
     foreground: Literal["attention", "all"] = Field(
         default="attention",
         description="Tokens the loss covers: attention (where the global crop's CLS attention holds fg_mass of its mass, the "

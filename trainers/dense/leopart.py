@@ -56,14 +56,17 @@ class Leopart(nn.Module):
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim) / math.sqrt(dim))
         self.temperature, self.eps, self.iterations = temperature, sinkhorn_eps, sinkhorn_iterations
         self.fg_mass, self.align_size, self.num_global = fg_mass, align_size, num_global
+        self.freeze_prototypes = False  # set per step by the stage (SwAV's freeze_prototypes_niters)
 
     def forward(self, views: list[Tensor], boxes: Tensor, flips: Tensor) -> tuple[Tensor, dict[str, float]]:
         with torch.no_grad():  # prototypes stay on the unit sphere (SwAV)
             self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
+        # frozen: a zero gradient (not none: every rank's optimizer sees the same parameters with gradients)
+        protos = self.prototypes.detach() + 0.0 * self.prototypes if self.freeze_prototypes else self.prototypes
         scores, fg = [], []
         for v, x in enumerate(views):
             feats, attn = self.backbone.features(x, attention=v < self.num_global and self.fg_mass is not None)
-            scores.append(prototype_scores(self.projector(feats), self.prototypes))
+            scores.append(prototype_scores(self.projector(feats), protos))
             fg.append(foreground(attn, self.fg_mass).float() if attn is not None else torch.ones_like(scores[-1][:, :1]))
         losses, fg_share = [], []
         for g in range(self.num_global):
@@ -85,4 +88,5 @@ class Leopart(nn.Module):
                 p = pred.permute(0, 2, 3, 1).flatten(0, 2)[mask]
                 losses.append(-(q * F.log_softmax(p / self.temperature, -1)).sum(-1).mean())
         loss = torch.stack(losses).mean() if losses else sum(s.sum() * 0.0 for s in scores)
-        return loss, {"fg_share": sum(fg_share) / max(1, len(fg_share))}
+        spread = float(torch.cat([x.detach().std(1).flatten() for x in scores]).mean())
+        return loss, {"fg_share": sum(fg_share) / max(1, len(fg_share)), "score_spread": spread}

@@ -35,8 +35,11 @@ def run(spec: StageSpec) -> StageResult | None:
     transform = MultiViewTransform([p.global_size] * 2 + [p.local_size] * p.num_local,
                                    [tuple(p.global_scale)] * 2 + [tuple(p.local_scale)] * p.num_local,
                                    p.flip_prob, p.jitter, p.gray_prob)
-    result = fit(spec, p, build_model=build, loss_fn=lambda engine, batch: engine(*batch), transform=transform,
-                 collate=collate_views)
+    def loss_fn(engine, batch):
+        engine.module.freeze_prototypes = engine.global_steps < p.freeze_prototypes_steps
+        return engine(*batch)
+
+    result = fit(spec, p, build_model=build, loss_fn=loss_fn, transform=transform, collate=collate_views)
     barrier()
     if not result.dist.is_main:
         return None
@@ -47,6 +50,6 @@ def run(spec: StageSpec) -> StageResult | None:
                                 projector_config={"in_dim": int(first.shape[1]), "hidden_dim": p.hidden_dim,
                                                   "out_dim": p.dim, "layers": 3, "norm": False},
                                 prototypes=sd["prototypes"], method="leopart", steps=result.steps)
-    metrics = {f"train/{k}": v for k, v in result.metrics.items() if k.startswith(("loss", "fg"))}
+    metrics = {f"train/{k}": v for k, v in result.metrics.items() if k.startswith(("loss", "fg", "score"))}
     metrics["time/train_s"] = time.perf_counter() - t0
     return StageResult(metrics=metrics, model_path=str(path), steps=result.steps)
