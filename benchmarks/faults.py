@@ -1,12 +1,12 @@
-"""Fault-injection benchmark (issue 16, items 1, 4, 5, 6): repeated trials per fault class, with counts.
+"""Fault-injection benchmark (issue 16, items 1-6): repeated trials per fault class, with counts.
 
     .venv/bin/python benchmarks/faults.py --trials 20 [--examples 2000] [--only kill-training,...] [--seed 0]
 
 Each class runs ``--trials`` times on tiny stages under torchrun (2 CPU ranks, gloo; the trials are those of
 ``tests/faults/harness.py``, which CI runs once or twice each); the fuzz targets run ``--examples`` hypothesis
-examples each. Needs root for the disk-full classes (``mount -t tmpfs``). Prints a Markdown table
-(trials run / recovered / data lost per class) with the command and the machine, and every trial's detail
-with ``--verbose``.
+examples each (the Helm values a quarter of that: a ``helm template`` each). Needs root for the disk-full classes
+(``mount -t tmpfs``). Prints a Markdown table (trials run / recovered / data lost per class) with the command and the
+machine, and every trial's detail with ``--verbose``.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ import harness  # noqa: E402
 CLASSES = {
     "kill-training": ("1. kill -9 of a random rank at a random step: training (fit-objects, ZeRO-2)", harness.trial_kill_training),
     "kill-shardmap": ("1. kill -9 of a random rank at a random shard: labelling (mine-parts)", harness.trial_kill_shardmap),
+    "driver-kill": ("2. kill -9 of the driver (`selftrain run`, local executor) while a trainer runs / a stage finishes / between stages", harness.trial_driver_kill),
+    "mlflow-outage": ("3. MLflow server kill -9 at a random training step, restarted on its port after 1-8 s; a promotion tried meanwhile", harness.trial_mlflow_outage),
     "disk-full-checkpoints": ("4. disk full (tmpfs) while writing checkpoints", harness.trial_disk_full_checkpoint),
     "disk-full-shards": ("4. disk full (tmpfs) while writing shards (mine-parts)", harness.trial_disk_full_shards),
     "bad-checkpoint": ("5. newest checkpoint truncated / garbage / deleted / `latest` damaged", harness.trial_bad_checkpoint),
@@ -54,7 +56,8 @@ def machine() -> str:
 
 def run_fuzz(examples: int) -> list[tuple[str, int, int, int]]:
     """(target, examples, named errors or valid, raw exceptions) per fuzz target, from tests/faults/test_faults_fuzz.py."""
-    env = {**os.environ, "FAULTS_FUZZ_EXAMPLES": str(examples), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "FAULTS_FUZZ_EXAMPLES": str(examples), "PYTHONPATH": str(REPO),
+           "FAULTS_FUZZ_HELM_EXAMPLES": str(max(1, examples // 4))}  # a helm template each
     report = Path(tempfile.mkdtemp()) / "fuzz.json"
     env["FAULTS_FUZZ_REPORT"] = str(report)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/faults/test_faults_fuzz.py"],

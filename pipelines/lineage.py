@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -29,6 +31,9 @@ from contract.models import model_version, resolve_model  # noqa: F401  (re-expo
 from contract.spec import Promotion, StageSpec
 from pipelines.config import PromotionPolicy
 
+OUTAGE_ENV = "SELFTRAIN_MLFLOW_OUTAGE_SECONDS"  # the same setting as trainers.inputs.OUTAGE_ENV (docs/faults.md)
+DEFAULT_OUTAGE_SECONDS = 600.0
+T = TypeVar("T")
 ALIASES = ("teacher", "champion")
 RUN_SCOPED = ("teacher",)  # aliases a pipeline run follows itself; champion is the best across runs
 PARENT_TAG = "mlflow.parentRunId"
@@ -47,6 +52,22 @@ class Decision:
     reason: str
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow server cannot be reached; what was refused changed nothing."""
+
+
+def outage_limit() -> float:
+    """Seconds an MLflow outage may last before a stage fails (``SELFTRAIN_MLFLOW_OUTAGE_SECONDS``, default 600)."""
+    raw = os.environ.get(OUTAGE_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_OUTAGE_SECONDS
+    except ValueError:
+        raise ValueError(f"{OUTAGE_ENV}={raw!r}: expected a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"{OUTAGE_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
 class Lineage:
     """MLflow bookkeeping of pipeline runs (one instance per tracking URI and experiment)."""
 
@@ -61,6 +82,40 @@ class Lineage:
                 self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
         else:
             self.experiment_id = exp.experiment_id
+
+    # -- outages -------------------------------------------------------------------------------
+    def reachable(self, timeout: float = 5.0) -> bool:
+        """Whether the tracking server answers its health check now (a local store always does)."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return True
+        try:
+            with urllib.request.urlopen(self.tracking_uri.rstrip("/") + "/health", timeout=timeout) as r:  # noqa: S310
+                return r.status == 200
+        except OSError:
+            return False
+
+    def retry(self, what: str, fn: Callable[[], T], echo: Callable[[str], None] = print, limit: float | None = None) -> T:
+        """``fn()``, done again while the tracking server is unreachable, for at most the outage limit.
+
+        ``fn`` must be safe to repeat (every bookkeeping step here is: tags and params are set again, a model version
+        is registered once per run). An error while the server answers is raised at once; an outage longer than the
+        limit raises TrackingUnavailable naming the server, what was not done and how long it waited.
+        """
+        limit = outage_limit() if limit is None else limit
+        start = time.monotonic()
+        while True:
+            try:
+                return fn()
+            except Exception as e:
+                if self.reachable():
+                    raise
+                waited = time.monotonic() - start
+                if waited >= limit:
+                    raise TrackingUnavailable(f"MLflow at {self.tracking_uri} unreachable for {waited:.0f} s (limit {limit:g} s, "
+                                              f"{OUTAGE_ENV}): {what} not done ({type(e).__name__}: {str(e)[:300]})") from e
+                echo(f"MLflow at {self.tracking_uri} is unreachable; {what} waits for it ({waited:.0f} of {limit:g} s)")
+                while not self.reachable() and time.monotonic() - start < limit:
+                    time.sleep(1.0)
 
     # -- runs ----------------------------------------------------------------------------------
     def pipeline_run(self, pipeline: str, run: str, params: dict[str, Any] | None = None, config_text: str | None = None,
@@ -208,12 +263,18 @@ class Lineage:
 
     # -- models --------------------------------------------------------------------------------
     def register_model(self, run_id: str, name: str, model_path: str | Path, tags: dict[str, str] | None = None):
-        """Log the model file (or folder) as run artifact ``model/`` and make it a new version of ``name``."""
+        """Log the model file (or folder) as run artifact ``model/`` and make it a new version of ``name``.
+
+        Once per run: a stage job stopped after registering (and re-run) gets the version its run already has (whose
+        source, the run's ``model/`` artifact, now holds the file just logged).
+        """
         path = Path(model_path)
         if path.is_dir():
             self.client.log_artifacts(run_id, str(path), "model")
         else:
             self.client.log_artifact(run_id, str(path), "model")
+        for mv in self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            return mv
         try:
             self.client.create_registered_model(name)
         except MlflowException as e:
@@ -244,6 +305,9 @@ class Lineage:
         between leaves its stage unfinished, and the stage's re-run takes the same decision again.
         """
         v = str(version)
+        if not self.reachable():  # refused before anything is written: the alias and its decision move together
+            raise TrackingUnavailable(f"MLflow at {self.tracking_uri} is unreachable: promotion of {name} version {v} "
+                                      f"refused, no alias or decision changed")
         cand = self.client.get_model_version(name, v)
         cand_value = _evaluated(cand.tags, policy.metric)
         decisions = []

@@ -233,6 +233,17 @@ def run_stage(cfg: PipelineConfig, spec: StageSpec, run: str, parent_run_id: str
         echo(f"[{spec.name}] skipped: outputs exist for the same inputs and params ({fp[:12]})")
         lineage.client.set_tag(parent_run_id, f"stage.{spec.name}.status", "skipped")
         return _outcome(spec.name, "skipped", fp, workdir, marker, result)
+    pid = stage_job.running_job(workdir)
+    if pid is not None:  # started by a driver that is gone: wait for that job rather than start a second one
+        echo(f"[{spec.name}] re-attaching to its running job (pid {pid}, logs in {workdir / 'logs'}); waiting for it to end")
+        stage_job.wait_for_job(workdir)
+        marker, result = read_json(workdir / MARKER), read_json(workdir / "result.json")
+        if stage_job.is_done(marker, result, fp):
+            lineage.client.set_tag(parent_run_id, f"stage.{spec.name}.status", "succeeded")
+            out = _outcome(spec.name, "succeeded", fp, workdir, marker, result)
+            echo(f"[{spec.name}] succeeded (re-attached)" + (f": model {spec.outputs.model} version {out.model_version}" if out.model_version else ""))
+            return out
+        echo(f"[{spec.name}] the job it re-attached to ended unfinished ({(marker or {}).get('status', 'no marker')}); running it again")
     job = render.render_stage(spec, cfg.executor.kubernetes, run=run, depends_on=depends_on)
     workdir.mkdir(parents=True, exist_ok=True)
     log_dir = workdir / "logs"
@@ -249,11 +260,11 @@ def run_stage(cfg: PipelineConfig, spec: StageSpec, run: str, parent_run_id: str
         kept = "".join(f"\n{d['alias']}: {'promoted' if d['promoted'] else 'kept'} ({d['reason']})" for d in marker.get("decisions") or [])
         raise PipelineError(f"stage {spec.name} failed:\n{e}" + (f"\n{marker['error']}" if marker.get("error") and marker["error"] not in str(e) else "") + kept) from e
     marker, result = read_json(workdir / MARKER), read_json(workdir / "result.json")
-    _log_job(lineage, (marker or {}).get("mlflow_run_id"), job, log_dir)
+    lineage.retry(f"logging the job of stage {spec.name}", lambda: _log_job(lineage, (marker or {}).get("mlflow_run_id"), job, log_dir), echo)
     if not stage_job.is_done(marker, result, fp):
         raise PipelineError(f"stage {spec.name}: its job succeeded but {workdir / MARKER} does not say it finished "
                             f"for fingerprint {fp[:12]} ({(marker or {}).get('status', 'missing')})")
-    lineage.client.set_tag(parent_run_id, f"stage.{spec.name}.status", "succeeded")
+    lineage.retry("tagging the pipeline run", lambda: lineage.client.set_tag(parent_run_id, f"stage.{spec.name}.status", "succeeded"), echo)
     out = _outcome(spec.name, "succeeded", fp, workdir, marker, result)
     echo(f"[{spec.name}] succeeded" + (f": model {spec.outputs.model} version {out.model_version}" if out.model_version else ""))
     return out

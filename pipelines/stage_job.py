@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
@@ -36,9 +37,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from contract.io import read_json, write_json
 from contract.spec import SpecError, StageSpec, format_validation_error
@@ -47,7 +50,8 @@ SPEC_ENV = "SELFTRAIN_SPEC"
 RUN_ENV = "SELFTRAIN_RUN"
 TRAINER_ENV = "SELFTRAIN_TRAINER_COMMAND"
 MARKER = "stage.json"  # <workdir>/stage.json: {"fingerprint", "status", "mlflow_run_id", "model_version", "output_hash", "decisions", "inputs"}
-KEEP_ON_MOVE = ("logs", "pytorchjob.yaml")  # written by whoever runs the job, not by an earlier fingerprint
+JOB_LOCK = ".job.lock"  # <workdir>/.job.lock: flock held by node rank 0 of the stage's running job; holds its pid
+KEEP_ON_MOVE = ("logs", "pytorchjob.yaml", JOB_LOCK)  # written by whoever runs the job, not by an earlier fingerprint
 
 
 class StageJobError(RuntimeError):
@@ -228,6 +232,59 @@ def move_aside(spec: StageSpec, echo: Callable[[str], None]) -> None:
         echo(f"[{spec.name}] previous output dataset {old} moved to {to}")
 
 
+@contextmanager
+def job_lock(workdir: Path, name: str, echo: Callable[[str], None]) -> Iterator[None]:
+    """Hold the stage's job lock while node rank 0 prepares, trains and finishes (docs/architecture.md "Idempotent and
+    resumable"): a second job of the same stage (a driver that lost track of the first) waits for the first to end, then
+    finds the stage done or resumes it; a re-run driver re-attaches by waiting on it (:func:`running_job`). Where the
+    file system has no flock (some network volumes) the job says so and runs unguarded."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / JOB_LOCK, "a+") as f:
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                echo(f"[{name}] another job of this stage is running (pid {f.read().strip() or '?'}); waiting for it to end")
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            echo(f"[{name}] warning: no lock on {workdir / JOB_LOCK} ({e.strerror}); a second job of this stage would not wait")
+            yield
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def running_job(workdir: str | Path) -> str | None:
+    """The pid of the stage job running in ``workdir`` now (it holds the job lock), else None."""
+    lock = Path(workdir) / JOB_LOCK
+    try:
+        f = open(lock)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "?"
+        except OSError:
+            return None
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
+def wait_for_job(workdir: str | Path, poll: float = 0.5) -> None:
+    """Block until no stage job holds ``workdir``'s job lock."""
+    while running_job(workdir) is not None:
+        time.sleep(poll)
+
+
 def is_done(marker: dict | None, result: dict | None, fingerprint: str) -> bool:
     return bool(marker and marker.get("fingerprint") == fingerprint and marker.get("status") == "succeeded"
                 and result and result.get("status") == "succeeded")
@@ -278,13 +335,17 @@ def record_failure(spec: StageSpec, lineage: Any, run_id: str | None, fingerprin
                    log_dir: Path | None = None, evaluation: bool = True) -> dict[str, Any]:
     """A failed stage on its run, its (failed) evaluation on the candidate, and the marker; returns the marker."""
     decisions: list[dict[str, Any]] = []
-    if run_id:
-        lineage.fail_stage(run_id, error, log_dir)
-    if evaluation and spec.promotion is not None and run_id:
-        try:
-            decisions = evaluate(spec, lineage, run_id, None)
-        except StageJobError:
-            pass
+    try:
+        if run_id:
+            lineage.retry(f"recording the failure of stage {spec.name}", lambda: lineage.fail_stage(run_id, error, log_dir))
+        if evaluation and spec.promotion is not None and run_id:
+            try:
+                decisions = lineage.retry(f"recording the failed evaluation of stage {spec.name}",
+                                          lambda: evaluate(spec, lineage, run_id, None))
+            except StageJobError:
+                pass
+    except Exception as e:  # noqa: BLE001 - MLflow gone for good: the marker still says what happened
+        error = f"{error}\n(not recorded in MLflow: {type(e).__name__}: {e})"
     marker = {"fingerprint": fingerprint, "status": "failed", "mlflow_run_id": run_id, "error": error[-2000:], "decisions": decisions}
     write_json(Path(spec.outputs.workdir) / MARKER, marker)
     return marker
@@ -312,6 +373,13 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
     except SpecError as e:
         echo(f"error: {e}")
         return 2
+    if node_rank() != 0:
+        return _job(spec, echo)
+    with job_lock(Path(spec.outputs.workdir), spec.name, echo):  # node rank 0 holds it from here to the marker
+        return _job(spec, echo)
+
+
+def _job(spec: StageSpec, echo: Callable[[str], None]) -> int:
     run = run_name(spec)
     rank = node_rank()
     try:
@@ -343,12 +411,13 @@ def _run_rank0(spec: StageSpec, resolved: Resolved, run: str, lineage: Any, cmd:
     elif not marker and result:  # a result without a marker: not ours to trust
         (workdir / "result.json").unlink()
     try:
-        run_id = stage_run(spec, resolved, run, lineage, marker, echo)
+        run_id = lineage.retry(f"recording stage {spec.name}", lambda: stage_run(spec, resolved, run, lineage, marker, echo), echo)
+        parent_id = lineage.retry("reading its run", lambda: lineage.client.get_run(run_id).data.tags.get("mlflow.parentRunId"), echo)
     except Exception as e:  # noqa: BLE001
         echo(f"error: stage {spec.name}: cannot record the stage in MLflow at {spec.tracking.mlflow_uri}: {type(e).__name__}: {e}")
         return 2
     pinned = resolved.spec.model_copy(update={"tracking": resolved.spec.tracking.model_copy(update={
-        "parent_run_id": lineage.client.get_run(run_id).data.tags.get("mlflow.parentRunId"), "run_id": run_id})})
+        "parent_run_id": parent_id, "run_id": run_id})})
     pinned.write(workdir / "spec.json")
     write_json(workdir / MARKER, {"fingerprint": fp, "status": "running", "mlflow_run_id": run_id, "inputs": resolved.inputs})
     (workdir / "result.json").unlink(missing_ok=True)
@@ -363,7 +432,8 @@ def _run_rank0(spec: StageSpec, resolved: Resolved, run: str, lineage: Any, cmd:
         if not result or result.get("status") != "succeeded":
             raise StageJobError(f"stage {spec.name}: the trainer exited 0 but {workdir / 'result.json'} "
                                 f"{'says ' + repr(result.get('status')) if result else 'is missing'}")
-        done = finish(pinned, lineage, run_id, result)
+        done = lineage.retry(f"finishing stage {spec.name} (its dataset, model and promotion)",
+                             lambda: finish(pinned, lineage, run_id, result), echo)
     except Exception as e:  # noqa: BLE001 - every failure is recorded on the stage's run
         record_failure(pinned, lineage, run_id, fp, f"{type(e).__name__}: {e}")
         echo(f"error: {e}")

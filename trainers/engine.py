@@ -135,19 +135,16 @@ class MetricLogger:
 
         self.bar = tqdm(total=total, initial=initial, desc=spec.name, unit="step", dynamic_ncols=True,
                         mininterval=0.5 if sys.stderr.isatty() else 30.0)  # TQDM_DISABLE=1 turns it off (tqdm reads it)
-        if self.run_id is not None:
-            from mlflow.tracking import MlflowClient
+        if self.run_id is not None:  # buffered: an MLflow outage within the limit delays metrics, never loses them
+            from trainers.inputs import MetricBuffer
 
-            self.client = MlflowClient(tracking_uri=spec.tracking.mlflow_uri)
+            self.client = MetricBuffer(spec.tracking.mlflow_uri, self.run_id)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.bar is not None:
             self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
         if self.client is not None:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            self.client.log(metrics, step)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -156,6 +153,8 @@ class MetricLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.client is not None and sys.exc_info()[0] is None:  # send what is queued (not while failing anyway)
+            self.client.close()
 
 
 # -- the loop ---------------------------------------------------------------------------------

@@ -74,15 +74,115 @@ def load_model_input(spec: StageSpec, name: str, device: torch.device | None = N
 
 
 def log_metrics(spec: StageSpec, metrics: dict[str, float], step: int = 0) -> None:
-    """Metrics to the stage's MLflow run (when the spec names one); call on rank 0 only (non-training stages)."""
+    """Metrics to the stage's MLflow run (when the spec names one); call on rank 0 only (non-training stages).
+
+    Sent through a :class:`MetricBuffer`: an MLflow outage shorter than the limit delays the call, never loses them.
+    """
     if spec.tracking.run_id is None or not metrics:
         return
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
+    buffer = MetricBuffer(spec.tracking.mlflow_uri, spec.tracking.run_id)
+    buffer.log(metrics, step)
+    buffer.close()
 
-    now = int(time.time() * 1000)
-    MlflowClient(tracking_uri=spec.tracking.mlflow_uri).log_batch(
-        spec.tracking.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+OUTAGE_ENV = "SELFTRAIN_MLFLOW_OUTAGE_SECONDS"  # read by pipelines.lineage.outage_limit too (docs/faults.md)
+DEFAULT_OUTAGE_SECONDS = 600.0
+
+
+def outage_limit() -> float:
+    """Seconds an MLflow outage may last before a stage fails (``SELFTRAIN_MLFLOW_OUTAGE_SECONDS``, default 600)."""
+    raw = os.environ.get(OUTAGE_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_OUTAGE_SECONDS
+    except ValueError:
+        raise StageInputError(f"{OUTAGE_ENV}={raw!r}: expected a number of seconds") from None
+    if not value > 0:
+        raise StageInputError(f"{OUTAGE_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+class MlflowOutage(RuntimeError):
+    """MLflow stayed unreachable for longer than the outage limit; the message names the server and the metrics held."""
+
+
+class MetricBuffer:
+    """Metrics on their way to one MLflow run: queued by the training loop (which never waits on the server), sent in
+    order by a background thread, kept and re-sent while the server is unreachable. Metrics waiting longer than
+    :func:`outage_limit` fail the stage, naming the server and how many are held; :meth:`close` waits for the rest."""
+
+    BATCH = 1000  # MLflow's log_batch limit on metrics per request
+    REFUSED = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST")
+
+    def __init__(self, tracking_uri: str, run_id: str, limit: float | None = None):
+        import threading
+        from collections import deque
+
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.run_id = tracking_uri, run_id
+        self.limit = outage_limit() if limit is None else limit
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.pending: deque = deque()  # (queued at, Metric)
+        self.error: BaseException | None = None  # the last failed send, while an outage lasts
+        self.sent = 0
+        self.cond = threading.Condition()
+        self.closing = False
+        self.thread = threading.Thread(target=self._send, name="mlflow-metrics", daemon=True)
+        self.thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = time.time()
+        with self.cond:
+            self._check(now)
+            self.pending.extend((now, Metric(k, float(v), int(now * 1000), step)) for k, v in metrics.items())
+            self.cond.notify()
+
+    def close(self) -> None:
+        """Send what is queued (waiting out an outage up to the limit), then stop the thread."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+            while self.pending:
+                self._check(time.time())
+                self.cond.wait(timeout=0.5)
+        self.thread.join(timeout=5)
+
+    def _check(self, now: float) -> None:
+        if self.pending and now - self.pending[0][0] > self.limit:
+            raise MlflowOutage(
+                f"MLflow at {self.uri} has not taken metrics of run {self.run_id} for {now - self.pending[0][0]:.0f} s "
+                f"(limit {self.limit:g} s, {OUTAGE_ENV}); {len(self.pending)} metric value(s) held, {self.sent} sent; "
+                f"last error: {type(self.error).__name__}: {str(self.error)[:500]}")
+
+    def _send(self) -> None:
+        backoff = 0.5
+        while True:
+            with self.cond:
+                while not self.pending and not self.closing:
+                    self.cond.wait()
+                if not self.pending and self.closing:
+                    return
+                batch = [m for _, m in list(self.pending)[:self.BATCH]]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as e:  # noqa: BLE001 - unreachable, 5xx, timeouts: keep them and try again
+                with self.cond:
+                    self.error = e
+                    if getattr(e, "error_code", None) in self.REFUSED:  # the server answered no: waiting will not help
+                        self.limit = 0.0
+                        self.cond.notify_all()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.5
+            with self.cond:
+                for _ in batch:
+                    self.pending.popleft()
+                self.sent += len(batch)
+                self.error = None
+                self.cond.notify_all()
 
 
 def file_sha256(path: str | Path) -> str:

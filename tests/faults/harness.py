@@ -451,3 +451,259 @@ def trial_nonfinite_loss(world: World, rng: random.Random, tmp: Path, mode: str 
     out = json.loads((work / "nan_result.json").read_text())
     ok = out["finite"] and out["steps"] == TRAIN_PARAMS["steps"] and "skipped" in res.stderr
     return Trial("non-finite loss", ok, 0 if out["finite"] else 1, f"{what}: finished {out}")
+
+
+# -- 2. the driver killed ---------------------------------------------------------------------------
+DRIVER = HERE / "driver_program.py"
+STAND_IN = HERE / "gated_stand_in.py"
+DRIVER_STAGES = [  # two stand-in stages: one writes a dataset and a model, the next reads both and promotes the model
+    {"stage": "train", "params": {"k": 4}, "output_dataset": "mined", "output_model": "proposals"},
+    {"stage": "evaluate", "datasets": {"mined": "mined"}, "models": {"candidate": "stage:train"},
+     "params": {"metrics": {"miou": 0.5}}, "promotion": {"metric": "miou"}},
+]
+
+
+def driver_env(tmp: Path) -> dict[str, str]:
+    """The environment of a driver whose stage jobs run the gated stand-in trainer (gates in ``tmp/gates``)."""
+    (tmp / "gates").mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "SELFTRAIN_TRAINER_COMMAND": json.dumps([sys.executable, str(STAND_IN)]), "WRITE_RESULT": "1",
+            "OUT": str(tmp / "stand-in"), "GATE_DIR": str(tmp / "gates"), "PYTHONPATH": str(REPO)}
+
+
+def driver_config(tmp: Path) -> Path:
+    import yaml
+
+    cfg = tmp / "pipeline.yaml"
+    cfg.write_text(yaml.safe_dump({"workspace": {"root": str(tmp / "ws")}, "stages": DRIVER_STAGES,
+                                   "executor": {"max_parallel": 1, "kubernetes": {"backoff_limit": 0}}}))
+    return cfg
+
+
+def start_driver(cfg: Path, run: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``selftrain run <cfg> --run <run>`` in its own session (so a kill -9 of it leaves its stage jobs alone, as on a cluster)."""
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, str(DRIVER), "run", str(cfg), "--run", run], cwd=cfg.parent, env=env,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def check_pipeline_run(ws: Path, run: str) -> tuple[list[str], dict[str, int]]:
+    """What is inconsistent after a pipeline run finished: stages run more than once, MLflow runs left RUNNING, missing or
+    duplicate stage runs and model versions, a promotion without its decision tag, a dataset hash that does not match."""
+    from mlflow import MlflowClient
+
+    from pipelines import dvc
+    from pipelines.stage_job import MARKER, running_job
+
+    problems: list[str] = []
+    starts = {}
+    runs_dir = ws / "runs" / run
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
+    all_runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    problems += [f"MLflow run {r.info.run_name} left {r.info.status}" for r in all_runs if r.info.status == "RUNNING"]
+    for st in DRIVER_STAGES:
+        name = st["stage"]
+        f = runs_dir / name / "starts.txt"
+        starts[name] = len(f.read_text().splitlines()) if f.exists() else 0
+        if starts[name] != 1:
+            problems.append(f"stage {name} started {starts[name]} times")
+        if running_job(runs_dir / name):
+            problems.append(f"stage {name}: a job still holds its lock")
+        marker = json.loads((runs_dir / name / MARKER).read_text()) if (runs_dir / name / MARKER).exists() else {}
+        if marker.get("status") != "succeeded":
+            problems.append(f"stage {name}: marker {marker.get('status')}")
+        children = [r for r in all_runs if r.data.tags.get("selftrain.stage") == name]
+        if len(children) != 1 or children[0].info.status != "FINISHED" or children[0].data.tags.get("selftrain.status") != "succeeded":
+            problems.append(f"stage {name}: MLflow runs {[(r.info.status, r.data.tags.get('selftrain.status')) for r in children]}")
+        if st.get("output_dataset"):
+            out = ws / "data" / st["output_dataset"]
+            got = dvc.dataset_hash(out) if out.is_dir() else None
+            if got is None or got != marker.get("output_hash"):
+                problems.append(f"stage {name}: dataset {got} but marker says {marker.get('output_hash')}")
+        if st.get("output_model"):
+            versions = client.search_model_versions(f"name = '{st['output_model']}'")
+            if len(versions) != 1:
+                problems.append(f"stage {name}: {len(versions)} versions of {st['output_model']}")
+    parents = [r for r in all_runs if r.data.tags.get("selftrain.kind") == "pipeline"]
+    if len(parents) != 1 or parents[0].info.status != "FINISHED":
+        problems.append(f"pipeline runs {[r.info.status for r in parents]}")
+    try:
+        mv = client.get_model_version_by_alias("proposals", "teacher")
+        if mv.tags.get("promotion.teacher.decision") != "promoted":
+            problems.append(f"teacher alias on version {mv.version} without its decision tag")
+    except Exception as e:  # noqa: BLE001 - no alias: the promotion never happened
+        problems.append(f"no teacher alias: {e}")
+    return problems, starts
+
+
+DRIVER_POINTS = ("trainer running", "stage finishing", "between stages")
+
+
+def trial_driver_kill(world: World | None, rng: random.Random, tmp: Path, where: str | None = None) -> Trial:
+    """kill -9 of the driver (``selftrain run``, local executor) while a stage's trainer runs, while its job versions
+    and registers its outputs, or between the two stages; then the same command again: it re-attaches to a stage job
+    that outlived the driver, skips finished stages, and ends the run with every stage run once and every MLflow run ended.
+    """
+    from pipelines.stage_job import MARKER, wait_for_job
+
+    where = where or rng.choice(DRIVER_POINTS)
+    cfg, env, run = driver_config(tmp), driver_env(tmp), "r1"
+    runs_dir, gates = tmp / "ws" / "runs" / run, tmp / "gates"
+    k = 0 if where == "between stages" else rng.randrange(len(DRIVER_STAGES))
+    stage = DRIVER_STAGES[k]["stage"]
+    if where == "trainer running":  # the trainer waits at its gate until the re-run driver has re-attached
+        (gates / f"{stage}.closed").touch()
+    log = tmp / "driver.log"
+    driver = start_driver(cfg, run, env, log)
+    points = {"trainer running": lambda: (runs_dir / stage / "gate.waiting").exists(),
+              "stage finishing": lambda: (runs_dir / stage / "result.json").exists(),
+              "between stages": lambda: (runs_dir / stage / MARKER).exists() and '"succeeded"' in (runs_dir / stage / MARKER).read_text()}
+    again = None
+    try:
+        deadline = time.monotonic() + 600
+        while not points[where]():
+            if driver.poll() is not None or time.monotonic() > deadline:
+                return Trial(f"driver killed: {where}", False, 0, f"the run ended before the fault point: {log.read_text()[-3000:]}")
+            time.sleep(0.005)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        outlived = [s["stage"] for s in DRIVER_STAGES if _job_alive(runs_dir / s["stage"])]
+        late = where != "trainer running" and rng.random() < 0.3
+        if late:  # the re-run comes only after the job that outlived the driver has ended
+            for s in DRIVER_STAGES:
+                wait_for_job(runs_dir / s["stage"])
+        again = start_driver(cfg, run, env, log)
+        if where == "trainer running":
+            while "re-attaching" not in log.read_text() and again.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            (gates / f"{stage}.open").touch()
+        try:
+            rc = again.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            rc = None
+    finally:
+        (gates / f"{stage}.open").touch()
+        for p in (driver, again):
+            if p is not None:
+                kill_group(p)
+        for s in DRIVER_STAGES:  # a job that outlived both drivers (a failed trial) ends before the next trial
+            wait_for_job(runs_dir / s["stage"])
+    text = log.read_text()
+    problems, starts = check_pipeline_run(tmp / "ws", run)
+    attached = text.count("re-attaching")
+    detail = (f"killed at {stage} ({where}); jobs that outlived the driver: {outlived}; re-run "
+              f"{'after they ended' if late else 'at once'}; re-attached: {attached}; starts {starts}; problems {problems}")
+    if where == "trainer running" and not attached:
+        problems.append("the re-run did not re-attach to the running job")
+    if rc != 0:
+        return Trial(f"driver killed: {where}", False, len(problems), f"{detail}; re-run exit {rc}: {text[-3000:]}")
+    return Trial(f"driver killed: {where}", True, len(problems), detail)
+
+
+def _job_alive(workdir: Path) -> bool:
+    from pipelines.stage_job import running_job
+
+    return running_job(workdir) is not None
+
+
+# -- 3. the MLflow server killed and restarted ------------------------------------------------------
+class MlflowServer:
+    """A real ``mlflow server`` (SQLite backend, served artifacts) on a fixed port, to be killed and started again."""
+
+    def __init__(self, root: Path, port: int | None = None):
+        self.root, self.port = root, port or free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> None:
+        import urllib.request
+
+        with open(self.root / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination", str(self.root / "artifacts")],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"mlflow server did not come up: {(self.root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """kill -9 of the server and its workers (the port closes at once)."""
+        if self.proc is not None:
+            kill_group(self.proc)
+            self.proc.wait()
+            self.proc = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
+def trial_mlflow_outage(world: World, rng: random.Random, tmp: Path, outage: float | None = None) -> Trial:
+    """The MLflow server killed (kill -9) at a random step of a training stage that logs every step to it, and started
+    again on the same port after ``outage`` seconds (below the limit): the stage finishes, every step's metrics are in
+    the run, the weights equal an unfaulted run's; a promotion tried during the outage is refused with nothing changed,
+    and once the server is back the alias and its decision tags move together."""
+    from mlflow.tracking import MlflowClient
+
+    from contract.spec import Promotion
+    from pipelines.lineage import Lineage, TrackingUnavailable
+
+    ref = world.reference_training()
+    outage = rng.uniform(1.0, 8.0) if outage is None else outage
+    steps, every = TRAIN_PARAMS["steps"], TRAIN_PARAMS["checkpoint_every"]
+    with MlflowServer(tmp / "mlflow") as server:
+        lineage = Lineage(server.url, "outage")
+        client = MlflowClient(tracking_uri=server.url)
+        run_id = client.create_run(lineage.experiment_id).info.run_id
+        (tmp / "model.json").write_text("{}")
+        version = str(lineage.register_model(run_id, "outage-model", tmp / "model.json").version)
+        lineage.record_evaluation("outage-model", version, {"miou": 0.5}, True, run_id=run_id)
+        work = tmp / "work"
+        spec = world.train_spec(work, mlflow=server.url, run_id=run_id)
+        target = rng.randint(0, steps - every)
+        proc = launch(spec, env={"SELFTRAIN_MLFLOW_OUTAGE_SECONDS": "300"})
+        try:
+            wait_for(lambda: (work / "engine.json").exists() and (target == 0 or any(
+                int(p.name[4:]) >= target for p in (work / "checkpoints").glob("step*"))), proc, 300, poll=0.01)
+            server.kill()
+            killed_at = max((int(p.name[4:]) for p in (work / "checkpoints").glob("step*")), default=0)
+            t0 = time.monotonic()
+            refused = changed = None
+            try:
+                lineage.promote("outage-model", version, Promotion(metric="miou"), aliases=("teacher",))
+                refused = False
+            except TrackingUnavailable:
+                refused = True
+            time.sleep(max(0.0, outage - (time.monotonic() - t0)))
+            server.start()
+            tags = client.get_model_version("outage-model", version).tags
+            changed = [k for k in tags if k.startswith("promotion.")] + [a for a in client.get_registered_model("outage-model").aliases]
+            out, err = proc.communicate(timeout=900)
+        finally:
+            kill_group(proc)
+        history = {m.step for m in client.get_metric_history(run_id, "train/loss")}
+        missing = sorted(set(range(1, steps + 1)) - history)
+        decisions = lineage.promote("outage-model", version, Promotion(metric="miou"), aliases=("teacher",))
+        mv = client.get_model_version_by_alias("outage-model", "teacher")
+        together = mv.version == version and mv.tags.get("promotion.teacher.decision") == "promoted" and decisions[0].promoted
+    what = f"server killed at step ~{killed_at}, down {outage:.1f} s"
+    if proc.returncode != 0:
+        return Trial("mlflow outage", False, len(missing), f"{what}: the stage failed ({proc.returncode}): {err[-3000:]}")
+    differ = weights_differ(work / "model.pt", ref / "model.pt")
+    ok = refused and not changed and together
+    return Trial("mlflow outage", bool(ok), len(missing) + len(differ) + len(changed or []),
+                 f"{what}; steps missing from the run: {missing}; {len(differ)} tensors differ; promotion during the outage "
+                 f"refused: {refused}, changed: {changed}; after it alias and decision together: {together}")
