@@ -104,13 +104,20 @@ app.kubernetes.io/part-of: selftrain
 {{- end -}}
 
 {{/*
-The pipeline config the driver runs: values.pipeline with the parts the chart owns set:
+The pipeline config the driver runs: values.pipeline (less the other pipelines' method sections) with the parts the
+chart owns set:
 image, workspace on the PVC mount paths (so paths mean the same in driver and trainers),
 tracking.uri, and the executor's kubernetes section (namespace, trainer ServiceAccount, PVCs,
 trainer placement, gang scheduling).
 */}}
 {{- define "selftrain.pipelineConfig" -}}
 {{- $p := deepCopy .Values.pipeline -}}
+{{- /* the method sections of the other built-in pipelines are dropped (values merge the chart's partdistillation
+       defaults into any override), so `pipeline: {pipeline: casp, casp: {...}}` is all a CaSP release sets; the list
+       is PIPELINES in pipelines/config.py (tests/k8s/test_chart_pipelines.py keeps them equal) */ -}}
+{{- range $name := list "partdistillation" "casp" "luss" "dense" -}}
+{{- if ne $name (toString $p.pipeline) }}{{ $_ := unset $p $name }}{{ end -}}
+{{- end -}}
 {{- $k8s := dict
     "namespace" .Release.Namespace
     "service_account" (include "selftrain.trainerServiceAccountName" .)
