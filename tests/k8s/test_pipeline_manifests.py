@@ -16,12 +16,13 @@ pytestmark = pytest.mark.cluster
 
 
 def _pipeline_configs() -> list[Path]:
-    out = []
+    """The demo config of every pipeline but PartDistillation (one per pipeline: ``<pipeline>-demo.yaml`` when it exists)."""
+    by_pipeline: dict[str, list[Path]] = {}
     for p in sorted((REPO / "configs").glob("*.yaml")):
         doc = yaml.safe_load(p.read_text()) or {}
         if isinstance(doc, dict) and doc.get("pipeline") not in (None, "partdistillation"):
-            out.append(p)
-    return out
+            by_pipeline.setdefault(doc["pipeline"], []).append(p)
+    return [next((p for p in ps if p.stem.endswith("-demo")), ps[0]) for _, ps in sorted(by_pipeline.items())]
 
 
 CONFIGS = _pipeline_configs()
