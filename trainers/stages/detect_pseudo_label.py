@@ -18,7 +18,7 @@ from contract.stages import params_of
 from trainers.data import shards
 from trainers.data.batches import images_to_tensor, iter_batches
 from trainers.data.pseudo_labels import EmptyPseudoLabels, PseudoLabelCounts, augment, empty_message, pseudo_labels, with_pseudo_labels
-from trainers.inputs import load_model_input
+from trainers.inputs import StageInputError, load_model_input
 from trainers.shardmap import ShardMap
 
 
@@ -27,6 +27,10 @@ def run(spec: StageSpec):
     p = params_of(spec)
     sm = ShardMap(spec, p, name="pseudo-labels")
     d = sm.dist
+    if not p.class_agnostic and not sm.index.categories:
+        raise StageInputError(f"inputs.datasets.images ({sm.images}) has no categories (an imported image folder?): "
+                              "class-specific pseudo-labels (class_agnostic: false) name the classes of the images' "
+                              "category list; label it class-agnostic, or split it from a labeled dataset")
     index_to_cat = None if p.class_agnostic else {i: int(c["id"]) for i, c in enumerate(sm.index.categories)}
 
     def samples(counts: PseudoLabelCounts):

@@ -152,3 +152,31 @@ def test_evaluation_writes_coco_results_and_counts_images_without_predictions(tm
     m = run(spec).metrics
     assert m["eval/images_without_predictions"] == 5 and m["eval/mask_AP"] == 0.0
     assert json.loads((tmp_path / "preds2" / "results.json").read_text()) == []
+
+
+def test_an_imported_image_folder_is_an_unlabeled_split(tmp_path, one_rank):
+    """Item 3: an image folder (`selftrain data import folder`) serves as D^u: class-agnostic pseudo-labels are written;
+    class-specific ones need the labeled split's categories, which a folder has none of (a named error)."""
+    from PIL import Image
+
+    from pipelines.data import import_folder
+    from trainers.stages.detect_pseudo_label import run
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for key, image, _ in shards.iter_samples(write_world64(tmp_path / "w", "train", 4, shard_size=4)):
+        Image.fromarray(image).save(folder / f"{key}.png")
+    import_folder(folder, tmp_path / "unlabeled", progress=False)
+    detector = tiny_segmenter_file(tmp_path / "det.pt", num_classes=1)
+    spec = stage_spec("detect-pseudo-label", tmp_path / "work", datasets={"images": tmp_path / "unlabeled"},
+                      models={"detector": detector}, dataset_out=tmp_path / "pseudo", nproc=1, params={"delta": 0.0})
+    res = run(spec)
+    assert res.metrics["pseudo/images"] == 4 and res.metrics["pseudo/labels"] > 0
+    assert all(r["proposals"] and "category_id" not in r["proposals"][0] for _, _, r in shards.iter_samples(tmp_path / "pseudo"))
+    specific = stage_spec("detect-pseudo-label", tmp_path / "work2", datasets={"images": tmp_path / "unlabeled"},
+                          models={"detector": detector}, dataset_out=tmp_path / "pseudo2", nproc=1,
+                          params={"delta": 0.0, "class_agnostic": False})
+    from trainers.inputs import StageInputError
+
+    with pytest.raises(StageInputError, match="has no categories"):
+        run(specific)
