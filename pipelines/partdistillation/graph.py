@@ -278,7 +278,7 @@ def _stage2(cfg: PartDistillationConfig, run: str) -> list[StageSpec]:
             cfg.new_stage_spec(run, "cluster-pixels", "kmeans-eval", params={**pixels, "objects": "gt", "allow_parts": True},
                                datasets={"images": pd.eval, **fitted}, models={"teacher": teacher_ref},
                                output_dataset=_out(cfg, run, "kmeans-eval")),
-            cfg.new_stage_spec(run, "evaluate-parts", KMEANS_EVALUATE, params={**rk.evaluation, "settings": ["gt"]},
+            cfg.new_stage_spec(run, "evaluate-parts", KMEANS_EVALUATE, params={"max_dets": max_dets(cfg), **rk.evaluation, "settings": ["gt"]},
                                datasets={"eval": pd.eval, "labels": _out(cfg, run, "kmeans-eval")},
                                output_dataset=_out(cfg, run, f"predictions-{KMEANS_EVALUATE}")),
         ]
@@ -287,7 +287,7 @@ def _stage2(cfg: PartDistillationConfig, run: str) -> list[StageSpec]:
             cfg.new_stage_spec(run, "cluster-pixels", "kmeans-transductive", params={**pixels, "objects": "gt", "allow_parts": True},
                                datasets={"images": pd.eval}, models={"teacher": teacher_ref},
                                output_dataset=_out(cfg, run, "kmeans-transductive")),
-            cfg.new_stage_spec(run, "evaluate-parts", KMEANS_TRANSDUCTIVE_EVALUATE, params={**rk.evaluation, "settings": ["gt"]},
+            cfg.new_stage_spec(run, "evaluate-parts", KMEANS_TRANSDUCTIVE_EVALUATE, params={"max_dets": max_dets(cfg), **rk.evaluation, "settings": ["gt"]},
                                datasets={"eval": pd.eval, "labels": _out(cfg, run, "kmeans-transductive")},
                                output_dataset=_out(cfg, run, f"predictions-{KMEANS_TRANSDUCTIVE_EVALUATE}")),
         ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,11 @@ def plot_rounds(outcomes: list[Any], cfg: PartDistillationConfig, out_png: Path)
     return out_png
 
 
+def _metric_name(label: str) -> str:
+    """A table row label as part of an MLflow metric name (alphanumerics, '_', '-', '.')."""
+    return re.sub(r"[^0-9A-Za-z_.-]+", "_", label.replace(",", "").replace("(", "").replace(")", "")).strip("_")
+
+
 def write_report(cfg: PartDistillationConfig, result: Any, lineage: Any) -> str:
     pd = cfg.partdistillation
     run_dir = cfg.run_dir(result.run)
@@ -184,11 +190,11 @@ def write_report(cfg: PartDistillationConfig, result: Any, lineage: Any) -> str:
     for label, vals in proposals_table(result.stages, cfg):
         for col, v in vals.items():
             if v == v:
-                lineage.client.log_metric(result.mlflow_run_id, f"proposals.{label.replace(' ', '_')}.{col.replace('@', '_')}", v)
+                lineage.client.log_metric(result.mlflow_run_id, f"proposals.{_metric_name(label)}.{col.replace('@', '_')}", v)
     for label, gt, vals in ptable:
         for col, v in vals.items():
             if v == v:
-                key = f"parts.{label.replace(' ', '_').replace(',', '').replace('(', '').replace(')', '')}.{'gt' if gt == 'yes' else 'pred'}.{col}"
+                key = f"parts.{_metric_name(label)}.{'gt' if gt == 'yes' else 'pred'}.{col}"
                 lineage.client.log_metric(result.mlflow_run_id, key, v)
     lines = [text, "", f"plot: {png}"]
     if pd.ranking.enabled and pd.ranking.purity_grids:

@@ -167,7 +167,23 @@ def test_one_stage_baseline_has_partdistillations_decoder_and_rounds(tmp_path: P
     model = specs["one-stage-r1-train"].params["model"]
     assert model["decoder"]["num_queries"] == 40 and model["top_k"] == 40
     assert specs["r1-evaluate"].params["max_dets"] == [1, 10, 40]
-    assert specs["f1-evaluate"].params["max_dets"] == [1, 10, 40]
+    assert specs["f1-evaluate"].params["max_dets"] == [1, 10, 40] == specs["kmeans-evaluate"].params["max_dets"]
     kmeans = specs["kmeans-eval"]
     assert kmeans.inputs.datasets["centroids"].path == specs["one-stage-cluster"].outputs.dataset
     assert specs["one-stage-cluster"].inputs.datasets["images"].path == str(tmp_path / "data" / "pw" / "train")
+
+
+def test_every_table_row_is_a_valid_mlflow_metric_name(tmp_path: Path) -> None:
+    from mlflow.utils.validation import _validate_metric_name
+
+    from pipelines.config import config_from_dict
+    from pipelines.partdistillation import PartDistillationConfig, graph
+    from pipelines.partdistillation.report import _metric_name
+
+    data = {**CONFIG, "partdistillation": {**CONFIG["partdistillation"],
+                                           "ranking": {"kmeans_baseline": True, "kmeans_transductive": True}}}
+    cfg = config_from_dict(data, base_dir=tmp_path, model=PartDistillationConfig)
+    labels = [label for label, _ in graph.part_rows(cfg) + graph.proposal_rows(cfg)]
+    assert any("transductive" in label for label in labels)
+    for label in labels:
+        _validate_metric_name(f"parts.{_metric_name(label)}.gt.nmi")
