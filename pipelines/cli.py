@@ -208,6 +208,23 @@ def import_coco(
     _report_import(_guard(data.import_coco, instances, images, output, split=split, shard_size=shard_size, skip_bad=skip_bad), output)
 
 
+@import_app.command("imagenet-s")
+def import_imagenet_s(
+    labels: Path = typer.Argument(..., help="Label folder (e.g. validation-segmentation/): <wnid>/<name>.png, id = R + 256 G."),
+    images: Path = typer.Option(..., "--images", help="Image folder mirroring it (e.g. validation/): <wnid>/<name>.JPEG."),
+    categories: Path = typer.Option(..., "--categories", help="Category list (e.g. ImageNetS_categories_im50.txt): line i is id i."),
+    output: Path = typer.Option(..., "--out", "-o"),
+    split: str = typer.Option("validation", help="Split name recorded in the index."),
+    shard_size: int = typer.Option(1000),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Quarantine bad label maps (ids outside the list, no image) instead of failing."),
+) -> None:
+    """ImageNet-S label maps (0 other, 1000 ignore) + images -> shards with one object per category (LUSS evaluation data)."""
+    from trainers.data import imagenet_s
+
+    _report_import(_guard(imagenet_s.import_imagenet_s, labels, images, categories, output, split=split,
+                          shard_size=shard_size, skip_bad=skip_bad), output)
+
+
 @import_app.command("parts")
 def import_parts(
     parts: Path = typer.Argument(..., help="PartImageNet-style COCO part JSON."),

@@ -94,3 +94,18 @@ def test_partworld_objects_paint_the_semantic_ground_truth_with_other_around_the
     assert set(np.unique(m)) == {0} | {classes[o["category_id"]] for o in record["objects"]}
     with pytest.raises(ValueError, match="not among the dataset's categories"):
         semantic_map(record, {})
+
+
+def test_the_cli_imports_a_folder_pair_and_names_the_quarantined_map(tmp_path):
+    import subprocess
+    import sys
+
+    good, bad = np.zeros((4, 4), np.int64), np.full((4, 4), 9, np.int64)
+    images, labels, cats = _folder(tmp_path, {"n01/a": good, "n01/b": bad}, ["n01"])
+    program = ("import sys\nfrom pipelines.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+               "    assert 'torch' not in sys.modules, 'the importer loaded torch'\n    raise\n")
+    proc = subprocess.run([sys.executable, "-c", program,
+                           "data", "import", "imagenet-s", str(labels), "--images", str(images), "--categories", str(cats),
+                           "-o", str(tmp_path / "out"), "--skip-bad"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 samples" in proc.stdout and "b.png" in proc.stderr and "ids 9" in proc.stderr

@@ -1,0 +1,154 @@
+"""The PASS/LUSS stages on a tiny backbone (training stages under torchrun, one rank; the others in this process): the
+model file contract, label generation with its bad-input counts, fine-tuning that refuses ground truth, and the
+evaluation's two passes agreeing with the files it writes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime_helpers import run_stage
+from stage_helpers import result, stage_spec, write_world64
+from trainers.__main__ import run
+
+TINY_REP = {"backbone": "test_convnext", "global_size": 64, "local_size": 32, "local_count": 1, "grid_size": 4,
+            "num_prototypes": 8, "hidden_dim": 16, "feat_dim": 8, "checkpoint_every": 1000}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("luss")
+    return {"root": root, "train": write_world64(root / "train", "train", 16), "eval": write_world64(root / "eval", "eval", 6)}
+
+
+@pytest.fixture(scope="module")
+def attention_file(world) -> Path:
+    """A random-init representation with a random pixel-attention module (no training: the rules are what is tested)."""
+    from trainers.luss.model import PixelAttention, RepresentationModel, save_model_file, sub_state
+
+    torch.manual_seed(0)
+    rep = RepresentationModel("test_convnext", 16, 8, 16, 8)
+    att = PixelAttention(rep.backbone.out_channels)
+    state = rep.state_dict()
+    return save_model_file(world["root"] / "attention.pt", "test_convnext", sub_state(state, "backbone.net"),
+                           stage="pixel-attention", output_stride=16,
+                           extra={"pixel_attention": att.state_dict(), "upsample": 4,
+                                  "config": {"feat_dim": 8, "hidden_dim": 16, "num_prototypes": 8},
+                                  "heads": {"projection": sub_state(state, "projection"), "prototypes": sub_state(state, "prototypes")}})
+
+
+@pytest.mark.slow
+def test_represent_writes_the_agreed_representation_file(world):
+    from trainers.dense.backbone import load_backbone
+    from trainers.dense.io import read_representation
+    from trainers.models.encoder import _check_fits, load_state_dict_source
+
+    spec = stage_spec("represent", world["root"] / "rep", datasets={"train": world["train"]},
+                      params={**TINY_REP, "steps": 2, "queue_length": 8}, nproc=1, micro=4)
+    run_stage(spec, nproc=1)
+    r = result(world["root"] / "rep")
+    assert r["steps"] == 2 and np.isfinite(r["metrics"]["train/swav"]) and "train/p2p" in r["metrics"] and "train/d2s" in r["metrics"]
+    doc = read_representation(r["model_path"])
+    assert doc["format"] == "selftrain-representation/1" and doc["timm_name"] == "test_convnext"
+    assert doc["extra"]["model_kwargs"] == {"output_stride": 16} and "prototypes" in doc["extra"]["heads"]
+    _check_fits("test_convnext", load_state_dict_source(r["model_path"]), r["model_path"])  # PartDistillation's encoder loads it
+    assert load_backbone(doc)(torch.rand(1, 3, 64, 64)).shape == (1, 64, 4, 4)  # and the dense pipelines' backbone
+
+
+def test_zero_steps_write_the_seeded_random_initialisation(world, one_rank):
+    from trainers.dense.io import read_representation
+
+    paths = []
+    for name in ("init-a", "init-b"):
+        run("represent", stage_spec("represent", world["root"] / name, params={**TINY_REP, "steps": 0, "seed": 3}, nproc=1))
+        paths.append(result(world["root"] / name)["model_path"])
+    a, b = (read_representation(p) for p in paths)
+    assert a["extra"]["random_init"] and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_generate_labels_labels_every_image_drops_ground_truth_and_resumes(world, attention_file, one_rank):
+    from trainers.data.shards import iter_samples
+    from trainers.luss.labels import LabelRule
+
+    out = world["root"] / "labels"
+    spec = stage_spec("generate-labels", world["root"] / "gl", datasets={"images": world["train"]},
+                      models={"model": attention_file}, params={"k": 3, "threshold": "otsu", "batch_size": 8, "shard_size": 8},
+                      nproc=1, dataset_out=out)
+    run("generate-labels", spec)
+    m = result(world["root"] / "gl")["metrics"]
+    records = [r for _, _, r in iter_samples(out)]
+    assert len(records) == m["labels/images"] == 16 and m["labels/objects_dropped"] > 0
+    assert all("objects" not in r for r in records)
+    assert {p["label"] for r in records for p in r["proposals"]} <= {1, 2, 3}
+    rule, centroids = LabelRule.load(out)
+    assert centroids.shape == (3, 64) and rule.threshold == m["labels/threshold"]
+    assert sum(rule.stats["cluster_sizes"]) == 16 and m["labels/clusters_without_rows"] == (np.array(rule.stats["cluster_sizes"]) == 0).sum()
+    before = (out / "index.json").read_bytes()
+    run("generate-labels", spec)  # the part is complete for this fingerprint: skipped, same bytes
+    assert (out / "index.json").read_bytes() == before
+
+
+def test_an_all_other_image_is_kept_and_counted(world, attention_file, one_rank):
+    from trainers.data.shards import iter_samples
+
+    out = world["root"] / "labels-all-other"
+    spec = stage_spec("generate-labels", world["root"] / "gl-other", datasets={"images": world["train"]},
+                      models={"model": attention_file}, params={"k": 2, "threshold": 1.0, "batch_size": 8},
+                      nproc=1, dataset_out=out)
+    run("generate-labels", spec)
+    m = result(world["root"] / "gl-other")["metrics"]
+    assert m["labels/images_all_other"] == 16 and m["labels/proposals"] == 0 and m["labels/other_fraction"] == 1.0
+    assert [r["proposals"] for _, _, r in iter_samples(out)] == [[]] * 16
+
+
+def test_finetuning_refuses_a_generated_labels_record_with_ground_truth(world):
+    from trainers.data import shards
+    from trainers.stages.finetune_segmentation import SegmentationSample
+
+    key, image, record = next(shards.iter_samples(world["train"]))
+    assert record["objects"]
+    sample = SegmentationSample("generated", {}, 32, (0.5, 1.0), 0.5)
+    with pytest.raises(ValueError, match=f"sample {key}: ground-truth objects in a generated-labels dataset"):
+        sample((key, image, {**record, "proposals": []}))
+    img, labels = sample((key, image, {**record, "objects": [], "proposals": []}))
+    assert img.shape == (3, 32, 32) and labels.shape == (32, 32) and int(labels.max()) == 0  # no proposal: all 'other'
+
+
+@pytest.mark.slow
+def test_finetune_then_evaluate_scores_the_files_it_writes(world, attention_file, one_rank):
+    from trainers.data import shards
+    from trainers.data.imagenet_s import IGNORE_LABEL, class_indices, decode_label_png, semantic_map
+    from trainers.evaluation.semantic import LussScores, apply_mapping
+
+    run_stage(stage_spec("finetune-segmentation", world["root"] / "ft", datasets={"train": world["root"] / "labels"},
+                         models={"representation": attention_file},
+                         params={"steps": 2, "crop_size": 64, "checkpoint_every": 1000}, nproc=1, micro=4), nproc=1)
+    ft = result(world["root"] / "ft")
+    assert ft["steps"] == 2 and np.isfinite(ft["metrics"]["train/loss"])
+    out = world["root"] / "pred"
+    run("evaluate-segmentation", stage_spec("evaluate-segmentation", world["root"] / "ev", datasets={"eval": world["eval"]},
+                                            models={"candidate": ft["model_path"]}, nproc=1, dataset_out=out))
+    m = result(world["root"] / "ev")["metrics"]
+    match = json.loads((out / "match.json").read_text())
+    mapping = np.array([-1 if v is None else v for v in match["mapping"].values()])  # PartWorld ids are 1..C: class = id
+    index = shards.DatasetIndex.load(world["eval"])
+    again = LussScores(len(index.categories) + 1, ignore=IGNORE_LABEL)
+    for key, _, record in shards.iter_samples(world["eval"], decode=False, allow_parts=True):
+        raw = decode_label_png(out / "predictions" / Path(record["file_name"]).with_suffix(".png"))
+        again.add(apply_mapping(raw, mapping), semantic_map(record, class_indices(index.categories)), raw_foreground=raw != 0)
+    r = again.result()
+    assert m["luss/images"] == 6 and mapping[0] == 0
+    assert m["luss/miou"] == pytest.approx(r["miou"]) and m["luss/fbeta"] == pytest.approx(r["fbeta"])
+    assert m["luss/img_acc"] == pytest.approx(r["img_acc"])
+
+
+def test_evaluating_a_representation_without_labels_or_head_names_the_input(world, attention_file, one_rank):
+    from trainers.inputs import StageInputError
+
+    spec = stage_spec("evaluate-segmentation", world["root"] / "ev-bad", datasets={"eval": world["eval"]},
+                      models={"candidate": attention_file}, nproc=1, dataset_out=world["root"] / "pred-bad")
+    with pytest.raises(StageInputError, match="no segmentation head; give inputs.datasets.labels"):
+        run("evaluate-segmentation", spec)
