@@ -101,7 +101,7 @@ def test_driver_role_has_exactly_the_executor_verbs(helm):
     role = one(render(helm), "Role", "st-selftrain-driver")
     rules = {(r["apiGroups"][0], r["resources"][0]): r["verbs"] for r in role["rules"]}
     assert rules == {("kubeflow.org", "pytorchjobs"): ["create", "get", "delete"], ("", "pods"): ["list", "delete"],
-                     ("", "pods/log"): ["get"]}
+                     ("", "pods/log"): ["get"], ("", "events"): ["list"]}
 
 
 # -- helm test pod and pre-delete hook ----------------------------------------------------------------
@@ -115,7 +115,8 @@ def test_helm_test_pod_runs_the_selftest_as_the_driver(helm):
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert c["command"] == ["python", "/scripts/selftest.py"]
     assert env["SELFTRAIN_MLFLOW_URI"] == "http://st-selftrain-mlflow:5000" and env["SELFTRAIN_VOLUMES"] == "/data /checkpoints"
-    assert env["SELFTRAIN_DRIVER_RULES"].splitlines() == ["kubeflow.org pytorchjobs create get delete", "- pods list delete", "- pods/log get"]
+    assert env["SELFTRAIN_DRIVER_RULES"].splitlines() == ["kubeflow.org pytorchjobs create get delete", "- pods list delete", "- pods/log get",
+                                                         "- events list"]
     claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"st-selftrain-data", "st-selftrain-checkpoints"}
     scripts = one(render(helm), "ConfigMap", "st-selftrain-scripts")["data"]

@@ -83,7 +83,8 @@ def test_a_failed_replica_restarts_the_whole_group(cluster, namespace, tmp_path)
     (kept,) = jobs(cluster, namespace)
     assert kept["metadata"]["annotations"][ATTEMPT] == "2"
     assert any(c["type"] == "Succeeded" and c["status"] == "True" for c in kept["status"]["conditions"])
-    assert (tmp_path / "logs" / "worker-0.log").read_text().count("===== attempt") == 2
+    # one log section per attempt (the failed master's pod stays; cleanPodPolicy Running removes a running worker's)
+    assert (tmp_path / "logs" / "master-0.log").read_text().count("===== attempt") == 2
 
 
 def test_backoff_exhausted_fails_the_stage_with_its_attempts_and_keeps_the_failed_job(cluster, namespace, tmp_path):
