@@ -36,6 +36,7 @@ from executor_helpers import (  # noqa: E402
     condition,
     executor,
     jobs,
+    restart_clients,
     stage_job,
     wait_running,
 )
@@ -73,9 +74,7 @@ def trial_api_outage(c: Cluster, ns: str, tmp: Path, outage: float) -> tuple[boo
 def settle(c: Cluster) -> None:
     """After an outage the controllers back off up to a minute before they reconnect (client-go): restart them so
     that the next trial starts on a quick cluster (the trial itself has let them reconnect by themselves)."""
-    for name in ("kube-scheduler", "kube-controller-manager", "kwok", "training-operator"):
-        component(c, "stop", name)
-        component(c, "start", name)
+    restart_clients(c)
 
 
 def trial_operator_restart(c: Cluster, ns: str, tmp: Path, _: float) -> tuple[bool, int, str]:

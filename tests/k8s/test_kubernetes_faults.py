@@ -8,7 +8,17 @@ import time
 
 import pytest
 
-from executor_helpers import Background, RecordingBackend, component, condition, executor, jobs, stage_job, wait_running
+from executor_helpers import (
+    Background,
+    RecordingBackend,
+    component,
+    condition,
+    executor,
+    jobs,
+    restart_clients,
+    stage_job,
+    wait_running,
+)
 from pipelines.executors.kubernetes import ClusterError, Forbidden, PyTorchJobBackend
 
 pytestmark = pytest.mark.cluster
@@ -41,9 +51,7 @@ def test_an_api_server_outage_is_retried_through_or_reported_past_the_retry_budg
         component(cluster, "start", "kube-apiserver")
         # the controllers' reflectors back off up to a minute before they reconnect (client-go): restart them
         # so that the cluster, not the executor, is quick again (benchmarks/k8s_faults.py leaves them be)
-        for name in ("kube-scheduler", "kube-controller-manager", "kwok", "training-operator"):
-            component(cluster, "stop", name)
-            component(cluster, "start", name)
+        restart_clients(cluster)
     result = bg.result()
     with pytest.raises(ClusterError) as e:
         bg_brief.result()
