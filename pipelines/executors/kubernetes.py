@@ -527,7 +527,10 @@ class _Stream:
                 final = self.ended.is_set()  # the container had ended: this read gets the rest, then stop
                 try:
                     self.lines = self.backend.logs(self.namespace, self.pod, self.container, since=last[0] or None)
-                    last = self._copy(self.lines, last, log)
+                    for line, last in _after(self.lines, last):
+                        self.tail.append(line)
+                        log.write(line + "\n")
+                        self.echo(f"[{self.replica}] {line}")
                 except ApiException as e:
                     if not self.resumed:
                         msg = _status(e).get("message") or e.reason
@@ -545,26 +548,6 @@ class _Stream:
                 self.ended.wait(1.0)  # ended or dropped while the container may still run: resume after the last line
                 self.resumed += 1
 
-    def _copy(self, lines: LineStream, last: tuple[str, int], log: Any) -> tuple[str, int]:
-        """Keep the lines after ``last``; return the new ``last``."""
-        last_key, kept_at_last, seen_at_last = _ts_key(last[0]), last[1], 0
-        for raw in lines:
-            ts, _, line = raw.partition(" ")
-            key = _ts_key(ts)
-            if key < last_key or (key == last_key and seen_at_last < kept_at_last):
-                seen_at_last += key == last_key
-                continue  # kept before the stream dropped
-            if key == last_key:
-                kept_at_last += 1
-                seen_at_last += 1
-            else:
-                last_key, kept_at_last, seen_at_last = key, 1, 1
-            last = (ts, kept_at_last)
-            self.tail.append(line)
-            log.write(line + "\n")
-            self.echo(f"[{self.replica}] {line}")
-        return last
-
     def close(self, timeout: float) -> None:
         self.ended.set()
         self.thread.join(timeout)
@@ -573,6 +556,25 @@ class _Stream:
             if self.lines is not None:
                 self.lines.close()
             self.thread.join(2.0)
+
+
+def _after(lines: Iterable[str], last: tuple[str, int]) -> Iterator[tuple[str, tuple[str, int]]]:
+    """The lines of a timestamped log stream (``<RFC 3339> <text>``, as with ``timestamps=true``) that come after
+    ``last`` = (timestamp of the last line kept, how many lines with that timestamp were kept): (text, new last).
+    A stream resumed with ``sinceTime`` = that timestamp repeats those lines; they are skipped."""
+    last_key, kept, seen = _ts_key(last[0]), last[1], 0
+    for raw in lines:
+        ts, _, text = raw.partition(" ")
+        key = _ts_key(ts)
+        if key < last_key or (key == last_key and seen < kept):
+            seen += key == last_key
+            continue  # kept before the stream dropped
+        if key == last_key:
+            kept += 1
+            seen += 1
+        else:
+            last_key, kept, seen = key, 1, 1
+        yield text, (ts, kept)
 
 
 def _ts_key(ts: str) -> tuple[str, str]:
