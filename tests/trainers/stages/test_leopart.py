@@ -6,7 +6,8 @@ import pytest
 from trainers.dense.backbone import DenseBackbone, load_backbone
 from trainers.dense.io import read_representation
 
-from stage_helpers import stage_spec, write_world64
+from runtime_helpers import run_stage
+from stage_helpers import result, stage_spec, write_world64
 
 TINY = {"backbone": "test_vit", "num_prototypes": 8, "dim": 16, "hidden_dim": 32, "global_size": 64, "local_size": 32,
         "num_local": 1, "steps": 4, "lr": 3e-3, "checkpoint_every": 100, "warmup_steps": 1}
@@ -17,15 +18,16 @@ def train64(tmp_path_factory):
     return write_world64(tmp_path_factory.mktemp("world64") / "train", "train", 16)
 
 
-def test_leopart_fine_tunes_the_vit_on_its_attention_foreground(tmp_path, train64, one_rank):
-    from trainers.stages.leopart import run
-
-    res = run(stage_spec("leopart", tmp_path / "w", datasets={"train": train64}, params=TINY, nproc=1, zero=1))
-    blob = read_representation(res.model_path)
+@pytest.mark.slow
+def test_leopart_fine_tunes_the_vit_on_its_attention_foreground(tmp_path, train64):
+    run_stage(stage_spec("leopart", tmp_path / "w", datasets={"train": train64}, params=TINY, nproc=1, zero=1), nproc=1)
+    res = result(tmp_path / "w")
+    blob = read_representation(res["model_path"])
     assert blob["timm_name"] == "test_vit" and blob["stage"] == "leopart"
     assert blob["extra"]["prototypes"].shape == (8, 16) and blob["extra"]["projector_config"]["norm"] is False
     # foreground: a share of the tokens, not all of them and not none (fg_mass 0.6 of the attention)
-    assert 0 < res.metrics["train/fg_share"] < 1 and res.metrics["train/loss"] > 0
+    metrics = res["metrics"]
+    assert 0 < metrics["train/fg_share"] < 1 and metrics["train/loss"] > 0 and metrics["train/score_spread"] > 0
     model = load_backbone(blob)
     assert model.vit
     import torch
