@@ -252,3 +252,94 @@ def test_mutations_reach_every_field():
     assert ("params", "k") in paths and ("resources", "deepspeed", "zero_optimization", "stage") in paths
     doc = mutate(SPEC, [(paths.index(("params", "k")), "replace", math.inf, "")])
     assert doc["params"]["k"] == math.inf and SPEC["params"]["k"] == 4
+
+
+# -- the Helm chart's values ------------------------------------------------------------------------
+CHART = REPO / "charts" / "selftrain"
+HELM_EXAMPLES = int(os.environ.get("FAULTS_FUZZ_HELM_EXAMPLES", "40"))  # a helm template each: fewer than the others
+HELM_FUZZ = settings(FUZZ, max_examples=HELM_EXAMPLES)
+HELM_VALUES = {**yaml.safe_load((CHART / "values.yaml").read_text()),
+               "image": {**yaml.safe_load((CHART / "values.yaml").read_text())["image"], "repository": "registry.example.com/ml/selftrain"}}
+HELM_NAMED = ("values don't meet the specifications of the schema",  # values.schema.json, with the field's path
+              "execution error at (")  # the chart's own `fail`/`required`, with its message
+
+
+@pytest.fixture(scope="module")
+def helm():
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "k8s"))
+    from helm_tools import helm_binary
+
+    return helm_binary(4)
+
+
+def helm_outcome(helm, values: Path) -> tuple[str, str]:
+    """("valid" | "named" | "raw", helm's stderr) of ``helm template`` with ``values`` over the chart's defaults."""
+    import subprocess
+
+    p = subprocess.run([str(helm), "template", "st", str(CHART), "-n", "ns", "--api-versions", "kubeflow.org/v1/PyTorchJob",
+                        "-f", str(values)], capture_output=True, text=True, timeout=120)
+    if p.returncode == 0:
+        try:
+            docs = [d for d in yaml.safe_load_all(p.stdout) if d]
+        except yaml.YAMLError as e:
+            return "raw", f"rendered, but not YAML: {e}"
+        config = [d for d in docs if d.get("kind") == "ConfigMap" and d["metadata"]["name"].endswith("-pipeline")]
+        if config:  # the `pipeline` values become the driver's config: selftrain refuses a bad one naming the key
+            path = values.with_name("pipeline.yaml")
+            path.write_text(config[0]["data"]["pipeline.yaml"])
+            try:
+                load_config(path)
+            except SpecError as e:
+                return "named", str(e)
+            except Exception as e:  # noqa: BLE001 - the outcome is what counts
+                return "raw", f"pipeline config from the chart: {type(e).__name__}: {e}"
+        return "valid", ""
+    if any(s in p.stderr for s in HELM_NAMED) or (f"{values}" in p.stderr and "Error: failed to parse" in p.stderr):
+        return "named", p.stderr
+    return "raw", p.stderr
+
+
+# strings a template could paste into a manifest: YAML indicators, quotes, braces, newlines
+nasty = st.text(alphabet=st.sampled_from(list(":\n\"'{}[]-#&*!|>%@` a1./")), min_size=1, max_size=10)
+helm_documents = st.one_of(documents, st.lists(st.tuples(st.integers(min_value=0, max_value=10**6), st.just("replace"), nasty,
+                                                         st.just("")), min_size=1, max_size=3).map(lambda m: ("mutated", m)))
+
+
+@HELM_FUZZ
+@given(doc=helm_documents)
+def test_helm_values_fail_only_with_named_errors(scratch, helm, doc):
+    """A values file (deleted keys written as null, as a user unsets a default) is rendered, or refused by the schema
+    naming the field, or by the chart's own check; never a Go template error or a broken manifest. The `pipeline`
+    values the chart renders into the driver's config must load, or be refused by selftrain naming the key."""
+    kind, value = doc
+    path = scratch / "values.yaml"
+    if kind == "bytes":
+        path.write_bytes(value)
+    else:
+        mutations = [(pick, "replace" if op == "delete" else op, None if op == "delete" else v, key)
+                     for pick, op, v, key in value]
+        path.write_text(yaml.safe_dump(mutate(HELM_VALUES, mutations), allow_unicode=True))
+    outcome, err = helm_outcome(helm, path)
+    count("Helm values (helm template)", "named" if outcome != "raw" else "raw")
+    assert outcome != "raw", f"{path.read_text()[:2000]}\n-> {err[-2000:]}"
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"image": {"tag": "1\n- x: y"}}, "/image/tag"),  # rendered a broken cleanup.yaml before the schema had patterns
+    ({"fullnameOverride": "x\ny"}, "/fullnameOverride"),
+    ({"serviceAccount": {"name": "a: b"}}, "/serviceAccount/name"),  # broke driver-job.yaml
+    ({"tests": {"resources": {"requests": {"cpu": "lots"}}}}, "/tests/resources/requests/cpu"),  # the API server's refusal
+    ({"nodeSelector": {"disk": "fast: yes"}}, "/nodeSelector/disk"),
+    ({"checks": None}, ""),  # a default unset (helm drops it): was a nil pointer in checks.yaml, now "missing property"
+])
+def test_helm_values_fuzzing_found_are_refused_naming_the_field(scratch, helm, values, field):
+    path = scratch / "found.yaml"
+    doc = {"image": {"repository": "registry.example.com/ml/selftrain"}}
+    doc.update({k: {**doc.get(k, {}), **v} if isinstance(v, dict) else v for k, v in values.items()})
+    path.write_text(yaml.safe_dump(doc))
+    outcome, err = helm_outcome(helm, path)
+    assert outcome == "named" and "values don't meet the specifications of the schema" in err and f"at '{field}'" in err, err
+    if values == {"checks": None}:
+        assert "missing property 'checks'" in err, err
