@@ -673,11 +673,12 @@ def trial_mlflow_outage(world: World, rng: random.Random, tmp: Path, outage: flo
         lineage.record_evaluation("outage-model", version, {"miou": 0.5}, True, run_id=run_id)
         work = tmp / "work"
         spec = world.train_spec(work, mlflow=server.url, run_id=run_id)
-        target = rng.randint(0, steps - every)
+        target = rng.choice([0, rng.randint(0, steps - every)])  # 0: as the loop starts (24 steps take a few seconds)
         proc = launch(spec, env={"SELFTRAIN_MLFLOW_OUTAGE_SECONDS": "300"})
         try:
             wait_for(lambda: (work / "engine.json").exists() and (target == 0 or any(
                 int(p.name[4:]) >= target for p in (work / "checkpoints").glob("step*"))), proc, 300, poll=0.01)
+            before = len(client.get_metric_history(run_id, "train/loss"))  # steps the server had when it was killed
             server.kill()
             killed_at = max((int(p.name[4:]) for p in (work / "checkpoints").glob("step*")), default=0)
             t0 = time.monotonic()
@@ -699,7 +700,7 @@ def trial_mlflow_outage(world: World, rng: random.Random, tmp: Path, outage: flo
         decisions = lineage.promote("outage-model", version, Promotion(metric="miou"), aliases=("teacher",))
         mv = client.get_model_version_by_alias("outage-model", "teacher")
         together = mv.version == version and mv.tags.get("promotion.teacher.decision") == "promoted" and decisions[0].promoted
-    what = f"server killed at step ~{killed_at}, down {outage:.1f} s"
+    what = f"server killed at step ~{killed_at} ({before} of {steps} steps' metrics sent), down {outage:.1f} s"
     if proc.returncode != 0:
         return Trial("mlflow outage", False, len(missing), f"{what}: the stage failed ({proc.returncode}): {err[-3000:]}")
     differ = weights_differ(work / "model.pt", ref / "model.pt")
