@@ -234,10 +234,12 @@ def move_aside(spec: StageSpec, echo: Callable[[str], None]) -> None:
 
 @contextmanager
 def job_lock(workdir: Path, name: str, echo: Callable[[str], None]) -> Iterator[None]:
-    """Hold the stage's job lock while node rank 0 prepares, trains and finishes (docs/architecture.md "Idempotent and
-    resumable"): a second job of the same stage (a driver that lost track of the first) waits for the first to end, then
-    finds the stage done or resumes it; a re-run driver re-attaches by waiting on it (:func:`running_job`). Where the
-    file system has no flock (some network volumes) the job says so and runs unguarded."""
+    """Hold the stage's job lock while node rank 0 prepares, trains and finishes.
+
+    See docs/architecture.md "Idempotent and resumable": a second job of the same stage (a driver that lost track of the
+    first) waits for the first to end, then finds the stage done or resumes it; a re-run driver re-attaches by waiting
+    on it (:func:`running_job`). Where the file system has no flock (some network volumes) the job says so and runs
+    unguarded."""
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / JOB_LOCK, "a+") as f:
         try:

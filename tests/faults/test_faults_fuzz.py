@@ -256,7 +256,7 @@ def test_mutations_reach_every_field():
 
 # -- the Helm chart's values ------------------------------------------------------------------------
 CHART = REPO / "charts" / "selftrain"
-HELM_EXAMPLES = int(os.environ.get("FAULTS_FUZZ_HELM_EXAMPLES", "40"))  # a helm template each: fewer than the others
+HELM_EXAMPLES = int(os.environ.get("FAULTS_FUZZ_HELM_EXAMPLES", "25"))  # a helm template each: fewer than the others
 HELM_FUZZ = settings(FUZZ, max_examples=HELM_EXAMPLES)
 HELM_VALUES = {**yaml.safe_load((CHART / "values.yaml").read_text()),
                "image": {**yaml.safe_load((CHART / "values.yaml").read_text())["image"], "repository": "registry.example.com/ml/selftrain"}}
