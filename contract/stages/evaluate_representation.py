@@ -21,6 +21,7 @@ class EvaluateRepresentationParams(Params):
     fit_pixels: int = Field(default=20000, ge=100, description="Pixels sampled from the evaluated split to fit each k-means (no label read).")
     kmeans_iterations: int = Field(default=30, ge=1, description="Lloyd iterations of faiss k-means.")
     probe_pixels: int = Field(default=20000, ge=100, description="Labelled pixels sampled from inputs.datasets.probe to train the linear probe.")
+    probe_images: int = Field(default=200, ge=1, description="Images of inputs.datasets.probe read for the probe (the first ones of each rank's share).")
     probe_epochs: int = Field(default=100, ge=1, description="Epochs of the linear probe over its pixels.")
     probe_lr: float = Field(default=1e-2, gt=0, description="AdamW learning rate of the linear probe.")
     community_resolution: float = Field(default=1.0, gt=0, description="Louvain resolution of the community detection (higher: more, smaller communities).")

@@ -96,6 +96,7 @@ class EvalSettings:
     fit_pixels: int = 20000
     kmeans_iterations: int = 30
     probe_pixels: int = 20000
+    probe_images: int = 200
     probe_epochs: int = 100
     probe_lr: float = 1e-2
     community_resolution: float = 1.0
@@ -159,8 +160,12 @@ def _per_image(path: str, total: int) -> int:
 def _probe(rep: Representation, path: str, s: EvalSettings, d: Dist, n_gt: int) -> LinearProbe:
     """A linear probe trained (rank 0, then broadcast) on pixels sampled from the labelled split ``path``."""
     labels, rng = category_labels(path), np.random.default_rng(s.seed + d.rank)
-    xs, ys, per_image = [], [], _per_image(path, s.probe_pixels)
+    n_images = min(s.probe_images, shards.DatasetIndex.load(path).num_samples)
+    xs, ys, per_image, seen = [], [], max(1, -(-s.probe_pixels // n_images)), 0
     for _, x, records in _batches(path, s, d):
+        if seen >= -(-n_images // d.world_size):
+            break
+        seen += len(records)
         feats = rep.features(_resized(x, s.eval_size))
         for f, rec in zip(feats, records):
             gt = torch.from_numpy(ground_truth(rec, labels))[None, None].float()
