@@ -155,7 +155,7 @@ def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executo
     except BaseException:
         lineage.finish_pipeline(parent, succeeded=False)
         raise
-    lineage.finish_pipeline(parent, succeeded=True)
+    lineage.retry("finishing the pipeline run", lambda: lineage.finish_pipeline(parent, succeeded=True), echo)
     return result
 
 
@@ -223,7 +223,7 @@ def run_stage(cfg: PipelineConfig, spec: StageSpec, run: str, parent_run_id: str
               depends_on: list[str] = (), echo: Callable[[str], None] = print) -> StageOutcome:
     """One stage: skip it when done for the same fingerprint, else submit its job, watch it and read its outcome."""
     try:
-        resolved = stage_job.resolve(spec, run, lineage)
+        resolved = lineage.retry(f"resolving the inputs of stage {spec.name}", lambda: stage_job.resolve(spec, run, lineage), echo)
     except stage_job.StageJobError as e:
         raise PipelineError(str(e)) from e
     fp = resolved.fingerprint
@@ -231,7 +231,7 @@ def run_stage(cfg: PipelineConfig, spec: StageSpec, run: str, parent_run_id: str
     marker, result = read_json(workdir / MARKER), read_json(workdir / "result.json")
     if stage_job.is_done(marker, result, fp):
         echo(f"[{spec.name}] skipped: outputs exist for the same inputs and params ({fp[:12]})")
-        lineage.client.set_tag(parent_run_id, f"stage.{spec.name}.status", "skipped")
+        lineage.retry("tagging the pipeline run", lambda: lineage.client.set_tag(parent_run_id, f"stage.{spec.name}.status", "skipped"), echo)
         return _outcome(spec.name, "skipped", fp, workdir, marker, result)
     pid = stage_job.running_job(workdir)
     if pid is not None:  # started by a driver that is gone: wait for that job rather than start a second one
