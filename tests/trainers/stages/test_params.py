@@ -21,6 +21,15 @@ MISSPELT = {  # a likely typo of a real key per stage
     "cluster-pixels": ("pixels_per_instanse", "pixels_per_instance"),
     "detect-pseudo-label": ("detla", "delta"),
     "evaluate-instances": ("score_treshold", "score_threshold"),
+    "join-datasets": ("shard_szie", "shard_size"),
+    "slotcon": ("num_protoypes", "num_prototypes"),
+    "leopart": ("fg_mas", "fg_mass"),
+    "evaluate-representation": ("overcluster", "overcluster_k"),
+    "represent": ("sinkhorn_iteration", "sinkhorn_iterations"),
+    "pixel-attention": ("temprature", "temperature"),
+    "generate-labels": ("treshold", "threshold"),
+    "finetune-segmentation": ("crop_szie", "crop_size"),
+    "evaluate-segmentation": ("boundry_ratio", "boundary_ratio"),
 }
 
 
