@@ -333,6 +333,7 @@ def test_helm_values_fail_only_with_named_errors(scratch, helm, doc):
     ({"tests": {"resources": {"requests": {"cpu": "lots"}}}}, "/tests/resources/requests/cpu"),  # the API server's refusal
     ({"nodeSelector": {"disk": "fast: yes"}}, "/nodeSelector/disk"),
     ({"checks": None}, ""),  # a default unset (helm drops it): was a nil pointer in checks.yaml, now "missing property"
+    ({"pipeline": {"tracking": 3}}, "/pipeline/tracking"),  # was a Go template error in selftrain.pipelineConfig
 ])
 def test_helm_values_fuzzing_found_are_refused_naming_the_field(scratch, helm, values, field):
     path = scratch / "found.yaml"
