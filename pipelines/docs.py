@@ -20,6 +20,8 @@ DOCUMENTED = [
     ("PartWorld dataset (`configs/partworld-demo.yaml`, `selftrain data generate -c`)", "trainers.data.partworld:PartWorldConfig"),
     ("Pipeline config (`selftrain run <config>`; PartDistillation)", "pipelines.partdistillation.config:PartDistillationConfig"),
     ("Pipeline config (`selftrain run <config>`; CaSP: the `casp` section)", "pipelines.casp.config:CaspConfig"),
+    ("Pipeline config (`selftrain run <config>`; PASS / LUSS: the `luss` section)", "pipelines.luss.config:LussConfig"),
+    ("Pipeline config (`selftrain run <config>`; SlotCon and Leopart: the `dense` section)", "pipelines.dense.config:DenseConfig"),
     ("Stage spec (`python -m trainers <stage> --spec <file>`)", "contract.spec:StageSpec"),
 ]
 

@@ -35,16 +35,18 @@ def test_each_job_names_the_stages_it_waits_for(tmp_path):
     assert depends("instance-teacher") == []
     assert depends("r1-train-proposals") == ["instance-teacher", "mine-train"]
     assert depends("r1-evaluate") == ["r1-train-proposals"]
-    # reads models:/...part-proposals@teacher: waits for the evaluation that moves that alias
-    assert "r1-evaluate" in depends("r1-pseudo-label")
-    assert "r2-evaluate" in depends("rank-parts")
+    assert depends("r1-val") == ["r1-train-proposals"]
+    # reads models:/...part-proposals@teacher: waits for the val-split evaluation that moves that alias
+    assert "r1-val" in depends("r1-pseudo-label")
+    assert "r2-val" in depends("rank-parts")
     # the baselines wait for what they read only, so they may run beside the rounds
     assert depends("evaluate-strips") == ["instance-teacher"]
     row = next(line for line in (tmp_path / "README.md").read_text().splitlines() if "`05-r1-train-proposals.yaml`" in line)
     assert row.rstrip(" |").endswith("instance-teacher (`00`), mine-train (`01`)")
     # the stage: refs stay refs (resolved by the job at its start), no checkpoint paths
     assert render.spec_of(jobs["r1-evaluate"]).inputs.models["candidate"].uri == "stage:r1-train-proposals"
-    assert render.spec_of(jobs["r1-evaluate"]).promotion is not None
+    # the promotion rule sits on the val-split evaluation; the eval-split one only reports
+    assert render.spec_of(jobs["r1-val"]).promotion is not None and render.spec_of(jobs["r1-evaluate"]).promotion is None
 
 
 def _stage_graph(tmp_path, stages):
