@@ -94,10 +94,11 @@ def test_a_worker_pod_deleted_mid_run_restarts_the_whole_group(cluster, namespac
     result = bg.result()
 
     assert result.attempts == 2 and result.replicas[0].exit_code == 0
-    # how the attempt ended: the operator saw the worker Failed, or (force-deleted, when the operator recreated it
-    # before kwok marked it) the executor saw a recreated lone rank; kwok decides which, both restart the group
+    # how the attempt ended: the operator saw the worker Failed, or the executor saw the deleted (or recreated lone)
+    # rank first -- which one comes first is a race between the operator's reconcile and the executor's poll (kwok
+    # decides; both were seen for a plain delete on a loaded machine); either way the whole group restarts
     seen = [line for line in lines if "was deleted while it ran" in line or "1 Worker replica(s) failed" in line]
-    assert seen if force else any("1 Worker replica(s) failed" in line for line in seen), lines
+    assert seen, lines
     assert any("restarting the whole group" in line for line in lines)
     first, second = list(backend.pods_seen.values())[:1] + list(backend.pods_seen.values())[-1:]
     assert set(second) == {"master-0", "worker-0"}
