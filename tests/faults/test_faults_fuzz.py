@@ -139,18 +139,26 @@ PARTS = {
 }
 
 
-def _import(target, write, path: Path, expect=(shards.DataError,)):
+def _import(target, write, path: Path, expect=(shards.DataError,)) -> str:
+    """'refused' (a named error naming the file or sample) or 'imported'; any other exception fails the test."""
     try:
         write()
     except expect as e:
         assert path.name in str(e) or (getattr(e, "source", None) or "").endswith(path.name) or "sample" in str(e), \
             f"{type(e).__name__} does not name the file: {e}"
         count(target, "named")
-        return
+        return "refused"
     except Exception:
         count(target, "raw")
         raise
     count(target, "named")
+    return "imported"
+
+
+def _published(out: Path) -> bool:
+    """An import that succeeded published a complete, readable dataset (index and every shard)."""
+    index = shards.DatasetIndex.load(out)
+    return index.num_samples == sum(s["num_samples"] for s in index.shards) and len(list(shards.iter_samples(out, decode=False, allow_parts=True))) == index.num_samples
 
 
 @FUZZ
@@ -160,7 +168,8 @@ def test_coco_importer_fails_only_with_named_errors(scratch, image_dir, doc, ski
     path.write_bytes(as_text(COCO, doc))
     out = scratch / "coco-out"
     shutil.rmtree(out, ignore_errors=True)
-    _import("COCO instances importer", lambda: coco_io.import_coco(path, image_dir, out, name="fz", skip_bad=skip_bad), path)
+    outcome = _import("COCO instances importer", lambda: coco_io.import_coco(path, image_dir, out, name="fz", skip_bad=skip_bad), path)
+    assert outcome == "refused" or _published(out)
 
 
 @FUZZ
@@ -177,9 +186,10 @@ def test_part_importer_fails_only_with_named_errors(scratch, image_dir, doc, ski
         objects_from = "union"
     out = scratch / "parts-out"
     shutil.rmtree(out, ignore_errors=True)
-    _import("part importer", lambda: coco_io.import_partimagenet(
+    outcome = _import("part importer", lambda: coco_io.import_partimagenet(
         path, image_dir, out, name="fz", instances_json=inst, objects_from=objects_from, as_training=as_training,
         skip_bad=skip_bad), path)
+    assert outcome == "refused" or _published(out)
 
 
 # -- the stage spec ---------------------------------------------------------------------------------
