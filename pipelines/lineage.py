@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -29,10 +28,9 @@ from mlflow.exceptions import MlflowException
 
 from contract.models import model_version, resolve_model  # noqa: F401  (re-exported for the control plane)
 from contract.spec import Promotion, StageSpec
+from contract.tracking import OUTAGE_ENV, outage_limit  # noqa: F401  (one setting for both planes)
 from pipelines.config import PromotionPolicy
 
-OUTAGE_ENV = "SELFTRAIN_MLFLOW_OUTAGE_SECONDS"  # the same setting as trainers.inputs.OUTAGE_ENV (docs/faults.md)
-DEFAULT_OUTAGE_SECONDS = 600.0
 T = TypeVar("T")
 ALIASES = ("teacher", "champion")
 RUN_SCOPED = ("teacher",)  # aliases a pipeline run follows itself; champion is the best across runs
@@ -54,18 +52,6 @@ class Decision:
 
 class TrackingUnavailable(RuntimeError):
     """The MLflow server cannot be reached; what was refused changed nothing."""
-
-
-def outage_limit() -> float:
-    """Seconds an MLflow outage may last before a stage fails (``SELFTRAIN_MLFLOW_OUTAGE_SECONDS``, default 600)."""
-    raw = os.environ.get(OUTAGE_ENV, "")
-    try:
-        value = float(raw) if raw else DEFAULT_OUTAGE_SECONDS
-    except ValueError:
-        raise ValueError(f"{OUTAGE_ENV}={raw!r}: expected a number of seconds") from None
-    if not value > 0:
-        raise ValueError(f"{OUTAGE_ENV}={raw!r}: expected a positive number of seconds")
-    return value
 
 
 class Lineage:

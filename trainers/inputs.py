@@ -85,20 +85,17 @@ def log_metrics(spec: StageSpec, metrics: dict[str, float], step: int = 0) -> No
     buffer.close()
 
 
-OUTAGE_ENV = "SELFTRAIN_MLFLOW_OUTAGE_SECONDS"  # read by pipelines.lineage.outage_limit too (docs/faults.md)
-DEFAULT_OUTAGE_SECONDS = 600.0
+from contract.tracking import OUTAGE_ENV  # noqa: E402  (one setting for both planes, docs/faults.md)
 
 
 def outage_limit() -> float:
-    """Seconds an MLflow outage may last before a stage fails (``SELFTRAIN_MLFLOW_OUTAGE_SECONDS``, default 600)."""
-    raw = os.environ.get(OUTAGE_ENV, "")
+    """``contract.tracking.outage_limit`` with a bad value as a StageInputError (the stage's input error)."""
+    from contract import tracking
+
     try:
-        value = float(raw) if raw else DEFAULT_OUTAGE_SECONDS
-    except ValueError:
-        raise StageInputError(f"{OUTAGE_ENV}={raw!r}: expected a number of seconds") from None
-    if not value > 0:
-        raise StageInputError(f"{OUTAGE_ENV}={raw!r}: expected a positive number of seconds")
-    return value
+        return tracking.outage_limit()
+    except ValueError as e:
+        raise StageInputError(str(e)) from None
 
 
 class MlflowOutage(RuntimeError):
