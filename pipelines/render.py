@@ -176,6 +176,8 @@ def build_job(
     restricted = k8s.pod_security == "restricted"
     if restricted:  # a read-only root: every cache the trainers write goes to the /tmp emptyDir
         env += [V1EnvVar(name=k, value=v) for k, v in RESTRICTED_ENV.items() if k not in k8s.env]
+    if "OMP_NUM_THREADS" not in k8s.env:  # torch sizes its pools by the node's cores, not the pod's request
+        env.append(V1EnvVar(name="OMP_NUM_THREADS", value=str(threads_per_process(res.cpu, res.nproc_per_node))))
     env += [V1EnvVar(name=k, value=v) for k, v in sorted(k8s.env.items())]
 
     requests = {"cpu": res.cpu, "memory": res.memory}
@@ -255,6 +257,18 @@ def build_job(
             ),
         ),
     )
+
+
+def threads_per_process(cpu: str, nproc_per_node: int) -> int:
+    """Intra-op threads for each of a replica's ``nproc_per_node`` processes: its CPU request (``"2"``, ``"1.5"``,
+    ``"500m"``) shared among them, at least 1. Without it torch starts one thread per core of the node, and
+    several processes on one node then oversubscribe it many times over."""
+    text = str(cpu).strip()
+    try:
+        cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError as e:
+        raise ValueError(f"resources.cpu {cpu!r}: expected a Kubernetes CPU quantity such as 2, 1.5 or 500m") from e
+    return max(1, int(cores // max(1, nproc_per_node)))
 
 
 def _placement(spec: StageSpec, k8s: KubernetesConfig) -> dict[str, Any]:

@@ -18,7 +18,6 @@ fails, the running ones finish, no new one starts, and PipelineError names the s
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +113,10 @@ def default_max_parallel(cfg: PipelineConfig, specs: list[StageSpec]) -> int:
         from pipelines.executors.local import local_gpus
 
         return max(1, len(local_gpus()) // gpus)
+    from pipelines.executors.local import local_cpus
+
     procs = max((s.resources.nproc_per_node * s.resources.replicas for s in specs), default=1)
-    return max(1, (os.cpu_count() or 1) // procs)
+    return max(1, local_cpus() // procs)
 
 
 def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executor: Executor | None = None,
@@ -140,6 +141,9 @@ def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executo
     except ValueError as e:
         raise PipelineError(str(e)) from e
     parallel = max(1, max_parallel or default_max_parallel(cfg, specs))
+    share_cpus = getattr(executor, "share_cpus", None)  # local: the stages side by side share this machine's cores
+    if share_cpus:
+        share_cpus(parallel)
     lineage = lineage or Lineage(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_location())
     _ensure_workspace_repo(cfg, specs)
     parent = lineage.pipeline_run(cfg.pipeline, run, {"pipeline": cfg.pipeline, "run": run, "stages": ",".join(s.name for s in specs)}, config_text)

@@ -49,6 +49,14 @@ def expand(s: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), s)
 
 
+def local_cpus() -> int:
+    """The cores this process may run on (its affinity mask: what a cgroup or taskset leaves it)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def local_gpus() -> list[str]:
     """GPU ids this machine offers (CUDA_VISIBLE_DEVICES if set, else nvidia-smi)."""
     if "CUDA_VISIBLE_DEVICES" in os.environ:
@@ -100,6 +108,14 @@ class LocalExecutor:
         self.echo = echo if echo is not None else _print
         self.cwd = Path(cwd) if cwd else None
         self.poll_seconds = poll_seconds
+        self.side_by_side = 1
+
+    def share_cpus(self, side_by_side: int) -> None:
+        """``side_by_side`` jobs may run at once on this machine: each process's OMP_NUM_THREADS is capped at its share
+        of the cores (cores / (jobs x processes per job)); the job's own value is kept when it is smaller, and an
+        OMP_NUM_THREADS exported by the user always wins. Without the cap, two stages side by side on 2 cores ran
+        18x slower than one alone (torch's thread pools spin against each other)."""
+        self.side_by_side = max(1, int(side_by_side))
 
     # -- public --------------------------------------------------------------------------------
     def run(self, job: dict[str, Any], log_dir: str | Path | None = None) -> ExecutionResult:
@@ -217,6 +233,15 @@ class LocalExecutor:
             nproc_int = int(nproc)
         except ValueError:
             nproc_int = 1  # "auto": the operator then counts one process per replica
+        if "OMP_NUM_THREADS" in os.environ:  # the user's choice for this machine
+            env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+        else:
+            share = max(1, local_cpus() // (self.side_by_side * world * nproc_int))
+            try:
+                share = min(share, max(1, int(env.get("OMP_NUM_THREADS") or share)))
+            except ValueError:
+                raise ValueError(f"{r.name}: env OMP_NUM_THREADS={env['OMP_NUM_THREADS']!r} is not a whole number") from None
+            env["OMP_NUM_THREADS"] = str(share)
         env.update({  # appended by the operator after the container's own env: these win
             "PYTHONUNBUFFERED": "1",
             "MASTER_PORT": str(port),

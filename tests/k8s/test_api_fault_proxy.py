@@ -47,16 +47,17 @@ class FaultProxy:
                     status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": fault[2],
                               "message": f"injected {fault[2]}", "reason": "Injected"}
                     data = json.dumps(status).encode()
+                    proxy.seen.append((self.command, self.path, fault[2]))  # before the answer: the client may look next
                     self.send_response(fault[2])
                     for k, v in {**fault[3], "Content-Type": "application/json", "Content-Length": str(len(data))}.items():
                         self.send_header(k, v)
                     self.end_headers()
                     self.wfile.write(data)
-                    proxy.seen.append((self.command, self.path, fault[2]))
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "authorization")}
                 r = pool.request(self.command, upstream.host + self.path, body=body or None, headers=headers,
                                  preload_content=True, retries=False)
+                proxy.seen.append((self.command, self.path, r.status))  # recorded before the client can read it
                 self.send_response(r.status)
                 for k, v in r.headers.items():
                     if k.lower() not in ("transfer-encoding", "content-length", "connection"):
@@ -64,7 +65,6 @@ class FaultProxy:
                 self.send_header("Content-Length", str(len(r.data)))
                 self.end_headers()
                 self.wfile.write(r.data)
-                proxy.seen.append((self.command, self.path, r.status))
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
 
