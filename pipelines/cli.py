@@ -225,6 +225,26 @@ def import_imagenet_s(
                           shard_size=shard_size, skip_bad=skip_bad), output)
 
 
+@import_app.command("panoptic")
+def import_panoptic(
+    panoptic: Path = typer.Argument(..., help="COCO panoptic JSON (images, annotations with segments_info, categories with isthing)."),
+    png_dir: Path = typer.Option(..., "--png-dir", help="Folder of the panoptic PNGs the annotations' file_name entries name (id = R + 256 G + 256^2 B)."),
+    images: Path = typer.Option(..., "--images", help="Image directory the JSON's images file_name entries are relative to."),
+    output: Path = typer.Option(..., "--out", "-o"),
+    split: str = typer.Option("train", help="Split name recorded in the index."),
+    shard_size: int = typer.Option(1000),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Quarantine bad samples (a PNG whose segment ids disagree with its JSON, ...) instead of failing."),
+) -> None:
+    """COCO panoptic JSON + PNGs + images -> shards with things (objects) and stuff regions (stuff), for CaSP's entity labels."""
+    from trainers.data import panoptic as panoptic_io
+
+    idx = _guard(panoptic_io.import_panoptic, panoptic, png_dir, images, output, split=split, shard_size=shard_size,
+                 skip_bad=skip_bad)
+    rep = idx.notes.get("import") or {}
+    out.print(f"{rep.get('things', 0)} thing and {rep.get('stuff', 0)} stuff segment(s) ({rep.get('crowd', 0)} crowd)")
+    _report_import(idx, output)
+
+
 @import_app.command("parts")
 def import_parts(
     parts: Path = typer.Argument(..., help="PartImageNet-style COCO part JSON."),

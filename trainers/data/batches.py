@@ -29,8 +29,10 @@ def images_to_tensor(images: list[np.ndarray]) -> Tensor:
 
 
 def category_labels(dataset_dir: str) -> dict[int, int]:
-    """Object category id -> class index 0..C-1 in the order of the dataset's ``categories``."""
-    return {int(c["id"]): i for i, c in enumerate(shards.DatasetIndex.load(dataset_dir).categories)}
+    """Object category id -> class index 0..C-1 in the order of the dataset's ``categories`` (things only: stuff
+    categories, ``isthing`` 0, label the records' ``stuff``, never an object; see trainers.data.panoptic)."""
+    cats = shards.DatasetIndex.load(dataset_dir).categories
+    return {int(c["id"]): i for i, c in enumerate(c for c in cats if int(c.get("isthing", 1)))}
 
 
 def masks_tensor(rles: list[dict], height: int, width: int) -> Tensor:

@@ -143,6 +143,8 @@ def coco_categories(data: dict, path: Path) -> tuple[list[dict], set[int]]:
         cat = {"id": cid, "name": str(c["name"])}
         if c.get("supercategory") is not None:
             cat["supercategory"] = str(c["supercategory"])
+        if c.get("isthing") is not None:  # COCO panoptic: thing 1, stuff 0
+            cat["isthing"] = _as_int(c["isthing"], f"categories[{i}].isthing", path, None)
         cats.append(cat)
     return sorted(cats, key=lambda c: c["id"]), background
 

@@ -3,7 +3,10 @@
 Stands in for PartImageNet (PartDistillation sec. 5): object classes are templates of 3-6 parts,
 part types (shape + texture + colour family) are shared across classes, and part masks exist
 only in the ``val`` split (model selection: promotion, early stopping) and the ``eval`` split
-(the reported figures); ``train`` has object labels only. Every sample is a pure function of ``(config, split, index)`` and every
+(the reported figures); ``train`` has object labels only. With ``stuff_classes > 0`` the background becomes
+horizontal bands of textured stuff (sky/ground-like regions, CaSP sec. 3.3 "entities"): their masks are the record's
+``stuff`` list and their categories follow the object classes in ``category_table``, marked ``isthing: 0`` as COCO
+panoptic marks them (objects ``isthing: 1``); off by default, and then every byte is as before. Every sample is a pure function of ``(config, split, index)`` and every
 class template a pure function of ``(config, class_id)``, so any sample can be rendered by index,
 streams are trivially parallel, and 10k classes or 10M images need no storage up front.
 """
@@ -17,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from trainers.structures import annotation_from_mask
 
@@ -26,9 +29,12 @@ PART_SPLITS = ("eval", "val")  # splits whose records carry part masks
 SHAPES = ("ellipse", "box", "diamond", "triangle")
 TEXTURES = ("solid", "stripes", "dots", "checker", "gradient")
 HUE_FAMILIES = 8  # colour families: hue ranges 45 degrees apart
+STUFF_NAMES = ("sky", "ground", "water", "grass", "wall", "sand", "snow", "road")  # stuff category names, in id order
+STUFF_TEXTURES = ("gradient", "dots", "stripes", "checker", "solid")
+STUFF_FIELDS = ("stuff_classes", "max_stuff_regions")  # left out of a dump when stuff is off (the demo's bytes)
 
 # First word of every SeedSequence entropy, so samples, classes and part types never share a stream.
-_SAMPLE, _CLASS, _PART_TYPE, _VOCAB = 0, 1, 2, 3
+_SAMPLE, _CLASS, _PART_TYPE, _VOCAB, _STUFF, _STUFF_TYPE = 0, 1, 2, 3, 4, 5
 
 
 class PartWorldConfig(BaseModel):
@@ -65,6 +71,8 @@ class PartWorldConfig(BaseModel):
     size_jitter: float = Field(0.12, ge=0, le=0.5, description="Per-instance relative jitter of part sizes and positions.")
     texture_jitter: float = Field(0.2, ge=0, le=0.5, description="Per-instance relative jitter of texture period and angle.")
     pixel_noise: float = Field(0.03, ge=0, le=0.5, description="Std of the Gaussian pixel noise, as a fraction of the full intensity range.")
+    stuff_classes: int = Field(0, ge=0, le=len(STUFF_NAMES), description="Stuff categories of the background (0 = off: the clutter background, no stuff). Ids num_classes+1.., names sky, ground, water, ...; their regions are the records' 'stuff' masks (CaSP entities).")
+    max_stuff_regions: int = Field(3, ge=1, le=len(STUFF_NAMES), description="Most stuff regions (horizontal bands with wavy borders, each a different stuff category) per image; at least min(2, stuff_classes).")
 
     @model_validator(mode="after")
     def _ranges(self) -> "PartWorldConfig":
@@ -75,6 +83,15 @@ class PartWorldConfig(BaseModel):
         if self.max_parts > self.num_part_types:
             raise ValueError(f"max_parts ({self.max_parts}) must be <= num_part_types ({self.num_part_types}): a template uses distinct part types")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_stuff_when_off(self, handler):
+        """Without stuff the dump (partworld.yaml beside a generated dataset) is what it was before stuff existed."""
+        out = handler(self)
+        if self.stuff_classes == 0 and isinstance(out, dict):
+            for f in STUFF_FIELDS:
+                out.pop(f, None)
+        return out
 
     @classmethod
     def demo(cls) -> "PartWorldConfig":
@@ -191,8 +208,14 @@ def class_template(cfg: PartWorldConfig, class_id: int) -> dict:
 
 
 def category_table(cfg: PartWorldConfig) -> list[dict]:
-    """COCO categories of the object classes, ids 1..num_classes."""
-    return [{"id": c, "name": f"class-{c:02d}", "supercategory": "object"} for c in range(1, cfg.num_classes + 1)]
+    """COCO categories of the object classes, ids 1..num_classes; with stuff, each marked ``isthing: 1`` and followed
+    by the stuff categories (ids num_classes+1.., ``isthing: 0``), as COCO panoptic's category list."""
+    things = [{"id": c, "name": f"class-{c:02d}", "supercategory": "object"} for c in range(1, cfg.num_classes + 1)]
+    if cfg.stuff_classes == 0:
+        return things
+    return [{**c, "isthing": 1} for c in things] + [
+        {"id": cfg.num_classes + s, "name": STUFF_NAMES[s - 1], "supercategory": "stuff", "isthing": 0}
+        for s in range(1, cfg.stuff_classes + 1)]
 
 
 def part_category_table(cfg: PartWorldConfig) -> list[dict]:
@@ -265,10 +288,12 @@ def _background(rng: np.random.Generator, cfg: PartWorldConfig) -> np.ndarray:
     return img
 
 
-def _distractors(rng: np.random.Generator, cfg: PartWorldConfig, img: np.ndarray) -> None:
-    """Shapes with part-like textures in random colours that belong to no object, painted on the background."""
+def _distractors(rng: np.random.Generator, cfg: PartWorldConfig, img: np.ndarray) -> np.ndarray:
+    """Shapes with part-like textures in random colours that belong to no object, painted on the background; returns
+    their pixels (void in the stuff masks, as COCO panoptic leaves unlabeled pixels)."""
     size = cfg.image_size
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    painted = np.zeros((size, size), dtype=bool)
     for _ in range(int(rng.integers(cfg.min_distractors, cfg.max_distractors + 1))):
         half = rng.uniform(0.4, 1.0) * cfg.distractor_scale * size / 2
         hx, hy = half, half * rng.uniform(0.5, 1.0)
@@ -284,6 +309,49 @@ def _distractors(rng: np.random.Generator, cfg: PartWorldConfig, img: np.ndarray
         sec = prim * rng.uniform(0.3, 0.6)
         img[inside] = _texture(TEXTURES[int(rng.integers(len(TEXTURES)))], u[inside], v[inside], hx,
                                rng.uniform(4, 8), rng.uniform(0, 180), tuple(rng.uniform(0, 1, 2)), prim, sec)
+        painted |= inside
+    return painted
+
+
+@functools.lru_cache(maxsize=256)
+def _stuff_type(seed: int, stuff: int) -> dict:
+    """Appearance of stuff category ``stuff`` (1-based): a colour family and a coarse texture, both its own."""
+    rng = _rng(seed, _STUFF_TYPE, stuff)
+    hue_rot, _ = _vocab_order(seed)
+    return {"texture": STUFF_TEXTURES[(stuff - 1) % len(STUFF_TEXTURES)],
+            "hue": ((stuff - 1) * 135.0 + hue_rot + 22.5) % 360.0,  # 135 deg apart: 8 distinct hues
+            "saturation": float(rng.uniform(0.25, 0.55)), "value": float(rng.uniform(0.45, 0.8)),
+            "period": float(rng.uniform(9.0, 14.0)), "angle": float(rng.uniform(0.0, 180.0))}
+
+
+def _stuff(cfg: PartWorldConfig, split_id: int, index: int, img: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Paint the stuff regions over the background: horizontal bands with wavy borders, each a different stuff
+    category; returns (stuff category 1.., band mask) per band. Its own seed stream, so the objects, distractors and
+    noise of a sample are those of the same config without stuff."""
+    rng = _rng(cfg.seed, _STUFF, split_id, index)
+    size = cfg.image_size
+    hi = min(cfg.max_stuff_regions, cfg.stuff_classes)
+    n = int(rng.integers(min(2, hi), hi + 1))
+    cats = [int(c) + 1 for c in rng.choice(cfg.stuff_classes, size=n, replace=False)]
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    band = np.zeros((size, size), dtype=np.int16)
+    for b in sorted(rng.uniform(0.2, 0.8, size=n - 1) * size):  # border k: below it, band k+1
+        amp, freq, phase = rng.uniform(0.02, 0.08) * size, rng.uniform(0.5, 2.0), rng.uniform(0, 2 * math.pi)
+        band[yy > b + amp * np.sin(2 * math.pi * freq * xx / size + phase)] += 1
+    out = []
+    for k, cat in enumerate(cats):
+        m = band == k
+        if not m.any():
+            continue
+        st = _stuff_type(cfg.seed, cat)
+        hue = st["hue"] + rng.uniform(-cfg.hue_jitter_deg, cfg.hue_jitter_deg)
+        primary = _hsv(hue, st["saturation"], st["value"])
+        secondary = _hsv(hue, st["saturation"], st["value"] * rng.uniform(0.55, 0.75))
+        tex = _texture(st["texture"], xx[m] - size / 2, yy[m] - size / 2, size / 2, st["period"], st["angle"] + rng.uniform(-20, 20),
+                       tuple(rng.uniform(0, 1, 2)), primary, secondary)
+        img[m] = 0.75 * tex + 0.25 * img[m]  # a quarter of the clutter shows through
+        out.append((cat, m))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +438,8 @@ def render_sample(cfg: PartWorldConfig, split: str, index: int) -> tuple[str, np
     size = cfg.image_size
 
     img = _background(rng, cfg)
-    _distractors(rng, cfg, img)
+    stuff = _stuff(cfg, split_id, index, img) if cfg.stuff_classes else []
+    distracted = _distractors(rng, cfg, img)
 
     # Geometry: place instances one by one; a position is rejected when it would leave an earlier
     # instance with less than (1 - max_occlusion) of its in-frame area visible.
@@ -433,6 +502,13 @@ def render_sample(cfg: PartWorldConfig, split: str, index: int) -> tuple[str, np
                                                       category_id=p["part_type"]))
     if split in PART_SPLITS:
         record["parts"] = parts
+    if cfg.stuff_classes:  # the band's pixels no object or distractor covers; too small a remainder is left out
+        record["stuff"] = []
+        for cat, band in stuff:
+            m = band & (owner < 0) & ~distracted
+            if int(m.sum()) >= cfg.min_object_area:
+                record["stuff"].append({**annotation_from_mask(m, id=len(record["stuff"]) + 1,
+                                                               category_id=cfg.num_classes + cat), "iscrowd": 0})
     return key, image, record
 
 

@@ -37,7 +37,7 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,90}$")  # no dots: WebDataset splits key
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SHARD_RE = re.compile(r"^[A-Za-z0-9_-]+-\d{6}-[0-9a-f]{12}\.tar$")
 _TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
-_ANNOTATION_LISTS = ("objects", "parts", "proposals")
+_ANNOTATION_LISTS = ("objects", "parts", "proposals", "stuff")  # stuff: trainers.data.panoptic
 
 
 class DataError(Exception):
@@ -360,7 +360,7 @@ def _encode_sample(item: Any, cat_ids: set, part_ids: set | None, source: str | 
         if not isinstance(anns, list):
             raise DataError(f"{list_name} must be a list", source=src, key=key)
         has_parts = has_parts or (list_name == "parts")
-        valid_ids = {"objects": cat_ids, "parts": part_ids}.get(list_name)
+        valid_ids = {"objects": cat_ids, "stuff": cat_ids, "parts": part_ids}.get(list_name)
         for i, ann in enumerate(anns):
             seg = ann.get("segmentation") if isinstance(ann, dict) else None
             if not isinstance(seg, dict) or not isinstance(seg.get("counts"), (str, bytes)):

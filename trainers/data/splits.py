@@ -98,6 +98,7 @@ def _samples(dataset_dir: Path, chosen: list[bool], keep_parts: bool, strip_labe
             counts["objects_stripped"] += len(record.get("objects", []))
             record["objects"] = []
             record.pop("proposals", None)
+            record.pop("stuff", None)
         if "parts" in record and (strip_labels or not keep_parts):
             counts["parts_stripped"] += len(record.pop("parts"))
         yield key, image, record
@@ -110,7 +111,7 @@ def _with_missing(samples: Iterator, categories: list[dict], per_category: dict[
     yield from samples
     if not stripped:
         missing.extend({"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in categories
-                       if per_category.get(str(c["id"]), 0) == 0)
+                       if per_category.get(str(c["id"]), 0) == 0 and int(c.get("isthing", 1)))  # stuff is no object
 
 
 def split_dataset(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, fractions: dict[str, float] | str, *,
