@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from contract.stages import Params, StageDefinition
 
@@ -16,6 +16,11 @@ class DetectPseudoLabelParams(Params):
         default=True,
         description="alpha(.): pseudo-labels carry no class (CaSP); false keeps each prediction's class as category_id "
                     "(the class-specific pseudo-label baseline, Table 2 'Objects(P,S)').")
+    entities: bool = Field(
+        default=False,
+        description="CaSP sec. 3.3: the detector is an entity detector (instance-teacher entities: true, trained on things "
+                    "and stuff) and its pseudo-labels keep stuff regions as entities; needs class_agnostic. A detector "
+                    "whose file says otherwise is refused (object pseudo-labels from an entity detector would carry stuff).")
     augment: Literal["none", "flip", "jitter"] = Field(
         default="none",
         description="Image augmentation before labeling, seeded by (seed, key); the augmented image is what the output "
@@ -24,6 +29,12 @@ class DetectPseudoLabelParams(Params):
     seed: int = Field(default=0, description="Augmentation seed.")
     batch_size: int = Field(default=16, ge=1, description="Images per inference batch.")
     shard_size: int = Field(default=1000, ge=1, description="Samples per output shard.")
+
+    @model_validator(mode="after")
+    def _entities_are_class_free(self) -> "DetectPseudoLabelParams":
+        if self.entities and not self.class_agnostic:
+            raise ValueError("entities: true needs class_agnostic: true (an entity has no class, CaSP sec. 3.3)")
+        return self
 
 
 DEFINITION = StageDefinition(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from contract.stages import StageDefinition
 from contract.stages.training import TrainParams, merged_over
@@ -52,12 +52,26 @@ class InstanceTeacherParams(TrainParams):
                     "dataset, and a record with ground-truth objects is an error (CaSP late pretraining, eq. 4); joint: "
                     "each record's ground truth when it has any, else its pseudo-labels (a join-datasets output: joint "
                     "self-training, CaSP Table 6).")
+    entities: bool = Field(
+        default=False,
+        description="CaSP sec. 3.3 (entities): with class_agnostic, every thing (objects) and every stuff region (the "
+                    "records' stuff, categories isthing 0) is one class-free entity; targets objects needs a train set "
+                    "with stuff categories, targets pseudo_labels reads entity pseudo-labels. The model file is marked "
+                    "an entity detector (detect-pseudo-label checks it).")
     head_init: Literal["random", "agnostic"] = Field(
         default="random",
         description="With model input init whose class count differs: the class head keeps its random init, or every "
                     "class channel starts from the init model's class-agnostic channel (CaSP sec. 3.2).")
 
     _merge_model = field_validator("model", mode="before")(lambda cls, v: merged_over(MODEL)(v))
+
+    @model_validator(mode="after")
+    def _entities_are_class_free(self) -> "InstanceTeacherParams":
+        if self.entities and not self.class_agnostic:
+            raise ValueError("entities: true needs class_agnostic: true (an entity has no class, CaSP sec. 3.3)")
+        if self.entities and self.targets == "joint":
+            raise ValueError("entities: true trains on targets objects or pseudo_labels, not joint")
+        return self
 
 
 DEFINITION = StageDefinition(

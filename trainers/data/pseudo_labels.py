@@ -160,8 +160,9 @@ def pseudo_labels(pred, delta: float, index_to_cat: dict[int, int] | None) -> li
 
 
 def with_pseudo_labels(record: dict, labels: list[dict]) -> dict:
-    """The output record: the input's fields without parts, objects emptied (never copied), ``proposals`` = labels."""
-    out = {k: v for k, v in record.items() if k not in ("parts", "proposals")}
+    """The output record: the input's fields without parts or stuff, objects emptied (never copied), ``proposals`` =
+    labels."""
+    out = {k: v for k, v in record.items() if k not in ("parts", "proposals", "stuff")}
     out["objects"] = []
     out["proposals"] = labels
     return out

@@ -18,7 +18,8 @@ from contract.stages import params_of
 from trainers.data import shards
 from trainers.data.batches import images_to_tensor, iter_batches
 from trainers.data.pseudo_labels import EmptyPseudoLabels, PseudoLabelCounts, augment, empty_message, pseudo_labels, with_pseudo_labels
-from trainers.inputs import StageInputError, load_model_input
+from trainers.data.panoptic import is_thing
+from trainers.inputs import StageInputError, load_model_input, model_input_path
 from trainers.shardmap import ShardMap
 
 
@@ -31,7 +32,9 @@ def run(spec: StageSpec):
         raise StageInputError(f"inputs.datasets.images ({sm.images}) has no categories (an imported image folder?): "
                               "class-specific pseudo-labels (class_agnostic: false) name the classes of the images' "
                               "category list; label it class-agnostic, or split it from a labeled dataset")
-    index_to_cat = None if p.class_agnostic else {i: int(c["id"]) for i, c in enumerate(sm.index.categories)}
+    things = [c for c in sm.index.categories if is_thing(c)]  # class indices of a class-specific detector: things only
+    index_to_cat = None if p.class_agnostic else {i: int(c["id"]) for i, c in enumerate(things)}
+    _check_entities(spec, p.entities)
 
     def samples(counts: PseudoLabelCounts):
         t_load = time.perf_counter()
@@ -45,7 +48,7 @@ def run(spec: StageSpec):
             counts.forward_s += time.perf_counter() - t0
             for key, blob, image, record, pred in zip(keys, blobs, images, records, preds):
                 counts.images += 1
-                counts.gt_objects_dropped += len(record.get("objects", []))
+                counts.gt_objects_dropped += len(record.get("objects", [])) + len(record.get("stuff", []))
                 counts.count_scores(pred.scores)
                 labels = pseudo_labels(pred, p.delta, index_to_cat)
                 if not labels:  # eq. 3: D^p holds images with at least one pseudo-label
@@ -72,3 +75,19 @@ def run(spec: StageSpec):
         return out
 
     return sm.finish(counts, metrics)
+
+def _check_entities(spec: StageSpec, entities: bool) -> None:
+    """params.entities must say what the detector is (CaSP sec. 3.3): an entity detector's object pseudo-labels would
+    carry stuff regions, and an object detector finds no stuff to keep."""
+    from trainers.models.io import read_segmenter_file
+
+    path = model_input_path(spec, "detector")
+    try:
+        trained_on = bool(read_segmenter_file(path).get("entities", False))
+    except (FileNotFoundError, ValueError) as e:
+        raise StageInputError(f"inputs.models.detector: {e}") from e
+    if trained_on != entities:
+        what = "entities (things and stuff)" if trained_on else "objects only"
+        raise StageInputError(f"inputs.models.detector ({path}) was trained on {what} but params.entities is "
+                              f"{str(entities).lower()}: set entities: {str(trained_on).lower()}, or label with a "
+                              "detector trained the other way (instance-teacher entities)")

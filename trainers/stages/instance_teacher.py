@@ -20,6 +20,7 @@ from contract.stages import params_of
 from trainers.comm import barrier, init_distributed, on_gpu
 from trainers.data import shards
 from trainers.data.batches import ToTrainSample, category_labels, collate, object_targets
+from trainers.data.panoptic import entity_record, stuff_categories
 from trainers.data.pseudo_labels import training_targets
 from trainers.engine import fit
 from trainers.evaluation.instances import evaluate_instances
@@ -89,7 +90,9 @@ def run(spec: StageSpec) -> StageResult | None:
         encoder = encoder_source(spec, p)
         if encoder is not None:
             cfg = cfg.model_copy(update={"encoder": _pretrained_encoder(cfg.encoder, *encoder)})
-        if p.targets == "objects" and not p.class_agnostic:
+        if p.entities and p.targets == "objects":  # CaSP sec. 3.3: things and stuff, one class-free entity each
+            targets = functools.partial(entity_targets, labels=_entity_labels(dataset_input(spec, "train")))
+        elif p.targets == "objects" and not p.class_agnostic:
             targets = functools.partial(object_targets, labels=labels)
         else:  # CaSP: alpha(.) and/or pseudo-labels (never ground truth)
             targets = training_targets(p.targets, labels, p.class_agnostic)
@@ -106,7 +109,7 @@ def run(spec: StageSpec) -> StageResult | None:
         model = model.to(d.device).eval()
 
     if d.is_main:  # the segmenter file replaces the engine's plain state_dict export
-        casp = {"class_agnostic": True} if p.class_agnostic else {}
+        casp = {"class_agnostic": True, **({"entities": True} if p.entities else {})} if p.class_agnostic else {}
         save_segmenter(model_path, cfg, state_dict, stage="instance-teacher", steps=steps, **casp)
     metrics = dict(train_metrics)
     metrics["time/train_s"] = time.perf_counter() - t_start
@@ -116,6 +119,21 @@ def run(spec: StageSpec) -> StageResult | None:
     if not d.is_main:
         return None
     return StageResult(metrics=metrics, model_path=str(model_path), steps=steps)
+
+
+def entity_targets(record: dict, labels: dict[int, int]) -> dict:
+    """Targets of a record's entities (its objects and its stuff regions) under alpha: ``labels`` maps every id to 0."""
+    return object_targets(entity_record(record), labels)
+
+
+def _entity_labels(train: str) -> dict[int, int]:
+    """alpha over things and stuff (every category id -> entity 0); a train set without stuff categories is refused."""
+    categories = shards.DatasetIndex.load(train).categories
+    if not stuff_categories(categories):
+        raise StageInputError(f"entities: true, but inputs.datasets.train ({train}) has no stuff category (isthing 0): "
+                              "entity labels need stuff regions (PartWorld with stuff_classes > 0, or selftrain data "
+                              "import panoptic)")
+    return {int(c["id"]): 0 for c in categories}
 
 
 def _initialised(cfg, spec: StageSpec, p) -> Segmenter:
