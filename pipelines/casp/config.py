@@ -58,6 +58,7 @@ class CaspSection(_Strict):
     eval: str = Field(default="partworld-demo/eval", description="The reported split (Table 2's figures).")
     delta: float = Field(default=0.2, ge=0, lt=1, description="delta: pseudo-labels are predictions with score > delta (Table 7: 0.2).")
     alpha: Literal["object", "identity"] = Field(default="object", description="alpha(.): 'object' maps every class to one class-free object (CaSP); 'identity' keeps the classes.")
+    entities: bool = Field(default=False, description="Sec. 3.3, Table 2 'Entities(P,A)': the labeling detector learns things and stuff regions as one class-free entity, the pseudo-labels keep stuff as entities and the target detector pretrains on them (also the class_agnostic_gt baseline: Entities(G,A)); finetuning and every AP stay on things. Needs alpha 'object' and a labeled split with stuff categories (PartWorld stuff_classes > 0, or selftrain data import panoptic).")
     early_pretrain: TrainSection = Field(default_factory=TrainSection, description="The labeling detector h_L (eq. 1).")
     pseudo_label: PseudoLabelSection = Field(default_factory=PseudoLabelSection, description="D^p (eq. 2-3).")
     late_pretrain: TrainSection = Field(default_factory=TrainSection, description="The target detector h_T on D^p alone (eq. 4).")
@@ -85,6 +86,8 @@ class CaspSection(_Strict):
             raise ValueError(f"delta_sweep: every delta must be in [0, 1), got {bad}")
         if len({delta_tag(d) for d in self.delta_sweep}) != len(self.delta_sweep):
             raise ValueError(f"delta_sweep: deltas must differ in the second decimal (stage names use delta x 100), got {self.delta_sweep}")
+        if self.entities and self.alpha != "object":
+            raise ValueError("entities: true needs alpha 'object' (an entity has no class, sec. 3.3)")
         if len(set(self.baselines)) != len(self.baselines):
             raise ValueError(f"baselines named twice: {self.baselines}")
         return self

@@ -8,7 +8,8 @@ on the eval split (the reported figures, no promotion). Baselines: no pretrainin
 (Objects(P,S)); class-agnostic ground truth of the unlabeled split (Objects(G,A), an upper bound on the labels);
 joint self-training on the labeled split joined with class-specific pseudo-labels (Table 6's self-training).
 With ``casp.delta_sweep``, Table 7: one more pseudo-label -> late-pretrain chain per delta from the same labeling
-detector, each scored on the eval split.
+detector, each scored on the eval split. With ``casp.entities`` (sec. 3.3) the class-agnostic chain (and the
+ground-truth baseline) works on entities, things and stuff; finetuning and every evaluation stay on things.
 """
 from __future__ import annotations
 
@@ -50,13 +51,14 @@ def table_rows(cfg: CaspConfig) -> list[tuple[str, str | None, str]]:
     rows: list[tuple[str, str | None, str]] = []
     if "no_pretraining" in b:
         rows.append(("none (random init)", None, NO_PRETRAINING))
+    kind = "Entities" if cfg.casp.entities else "Objects"
     if "class_agnostic_gt" in b:
-        rows.append(("Objects(G,A)", GT_PRETRAIN, GT_FINETUNE))
+        rows.append((f"{kind}(G,A)", GT_PRETRAIN, GT_FINETUNE))
     if "class_specific_pseudo_labels" in b:
         rows.append(("Objects(P,S)", SPECIFIC_PRETRAIN, SPECIFIC_FINETUNE))
     if "joint_self_training" in b:
         rows.append(("self-training: D^t + (P,S)", None, JOINT))
-    rows.append(("Objects(P,A) = CaSP" if cfg.casp.alpha == "object" else "Objects(P,S) via alpha=identity", LATE, FINETUNE))
+    rows.append((f"{kind}(P,A) = CaSP" if cfg.casp.alpha == "object" else "Objects(P,S) via alpha=identity", LATE, FINETUNE))
     return rows
 
 
@@ -69,6 +71,7 @@ def build_stages(cfg: CaspConfig, run: str) -> list[StageSpec]:
     """CaSP's three stages with their evaluations, then the baselines, in an order every input exists."""
     c = cfg.casp
     agnostic = c.alpha == "object"
+    entity = {"entities": True} if c.entities else {}  # sec. 3.3: the class-agnostic chain on things and stuff
     evaluation = dict(c.evaluation.params)
 
     def train(name: str, section_params: dict, datasets: dict, output_model: str, models: dict | None = None, **params) -> StageSpec:
@@ -92,17 +95,17 @@ def build_stages(cfg: CaspConfig, run: str) -> list[StageSpec]:
     def label(name: str, detector: str, out: str, class_agnostic: bool, delta: float | None = None) -> StageSpec:
         return cfg.new_stage_spec(run, "detect-pseudo-label", name,
                                   params={"delta": c.delta if delta is None else delta, "class_agnostic": class_agnostic, "augment": c.pseudo_label.augment,
-                                          **c.pseudo_label.params},
+                                          **(entity if class_agnostic else {}), **c.pseudo_label.params},
                                   datasets={"images": c.unlabeled}, models={"detector": f"stage:{detector}"},
                                   output_dataset=_out(cfg, run, out))
 
     specs = [
         # eq. 1: h_L on alpha(D^t); its class-agnostic AP on val is logged (Table 5's labeling-detector quality)
-        train(EARLY, c.early_pretrain.params, {"train": c.labeled, "eval": c.val}, LABELING, class_agnostic=agnostic),
+        train(EARLY, c.early_pretrain.params, {"train": c.labeled, "eval": c.val}, LABELING, class_agnostic=agnostic, **entity),
         label(PSEUDO, EARLY, "pseudo-labels", agnostic),  # eq. 2-3
         # eq. 4: h_T on D^p alone; targets pseudo_labels refuses any record with ground truth
         train(LATE, c.late_pretrain.params, {"train": _out(cfg, run, "pseudo-labels")}, PRETRAINED,
-              class_agnostic=agnostic, targets="pseudo_labels"),
+              class_agnostic=agnostic, targets="pseudo_labels", **entity),
         *evaluate(LATE, promote=True),
         # eq. 5: h_F from h_T on D^t with classes
         train(FINETUNE, c.finetune.params, {"train": c.labeled}, FINETUNED, models={"init": f"stage:{LATE}"},
@@ -115,7 +118,7 @@ def build_stages(cfg: CaspConfig, run: str) -> list[StageSpec]:
         specs += [
             label(pseudo, EARLY, f"pseudo-labels-{delta_tag(delta)}", agnostic, delta=delta),
             train(late, c.late_pretrain.params, {"train": _out(cfg, run, f"pseudo-labels-{delta_tag(delta)}")}, BASELINES,
-                  class_agnostic=agnostic, targets="pseudo_labels"),
+                  class_agnostic=agnostic, targets="pseudo_labels", **entity),
             *evaluate(late, promote=False),
         ]
     b = c.baselines
@@ -143,7 +146,7 @@ def build_stages(cfg: CaspConfig, run: str) -> list[StageSpec]:
         ]
     if "class_agnostic_gt" in b:
         specs += [
-            train(GT_PRETRAIN, c.late_pretrain.params, {"train": c.unlabeled_gt}, BASELINES, class_agnostic=True),
+            train(GT_PRETRAIN, c.late_pretrain.params, {"train": c.unlabeled_gt}, BASELINES, class_agnostic=True, **entity),
             *evaluate(GT_PRETRAIN, False),
             train(GT_FINETUNE, c.finetune.params, {"train": c.labeled}, BASELINES, models={"init": f"stage:{GT_PRETRAIN}"},
                   head_init=c.finetune.head_init),
