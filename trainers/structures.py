@@ -7,6 +7,9 @@ A **sample** is one image plus one JSON annotation record, stored in a WebDatase
       "image_id": 17, "file_name": "train/00000017.png", "height": 112, "width": 112,
       "objects":   [ {"id": 1, "category_id": 3, "segmentation": RLE, "area": 812,
                       "bbox": [x, y, w, h], "iscrowd": 0} ],
+      # datasets with stuff only (trainers.data.panoptic; categories marked "isthing": 0):
+      "stuff":     [ {"id": 1, "category_id": 14, "segmentation": RLE, "area": 2301,
+                      "bbox": [x, y, w, h], "iscrowd": 0} ],
       # evaluation splits only -- no training stage may read these:
       "parts":     [ {"id": 1, "object_id": 1, "category_id": 7, "segmentation": RLE,
                       "area": 120, "bbox": [x, y, w, h]} ],
