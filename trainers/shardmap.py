@@ -20,15 +20,30 @@ not in the dataset: its stats hold timings, and the dataset's bytes (its DVC ver
 params and world size only. A local model file (or dataset path) rewritten in place under the
 same name is not seen: the control plane pins ``models:/`` aliases to versions and versions datasets by DVC
 hash. Stages whose parts depend on more pass it (``more``): rank-parts its spill generation.
+
+**Overlap** (:meth:`ShardMap.labelled`): a part is written by three threads joined by bounded queues
+(:func:`background`, ``PIPELINE_DEPTH`` batches each), so reading and decoding the next batch and encoding and
+writing the last one run while the model's forward pass runs on the current one: a loader thread reads the shards
+and decodes the images (and a stage's ``prepare``, e.g. an augmentation), a labelling thread runs ``label`` (the
+forward pass), and the caller's thread runs the stage's ``finish`` (post-processing, e.g. RLE encoding) and
+``shards.write_dataset``. The queues bound the memory (a few batches, whatever the number of images); the order
+of the samples -- and so the bytes written -- is the serial loop's; an error in any thread is raised in the
+caller's thread naming the batch's samples, the other threads stop, and nothing is published (the part is atomic as
+before).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import queue
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import torch
 
 from contract.io import read_json, write_json
 from contract.spec import StageSpec
@@ -41,9 +56,80 @@ from trainers.inputs import dataset_input, log_metrics, output_dataset
 log = logging.getLogger(__name__)
 
 MARKER_DIR = "shardmap"  # <workdir>/shardmap/rank-<r>.json: fingerprint + stats of a complete part <out>/rank-<r>
+PIPELINE_DEPTH = 2  # batches queued between the loader, labelling and writing threads (the memory bound)
 
 Sample = tuple[str, Any, dict]  # (key, image bytes, record)
-Label = Callable[[list[str], Any, list[dict], Stats], list[list[dict]]]
+Label = Callable[[list[str], Any, list[dict], Stats], list[Any]]
+# finish(key, image bytes, decoded image, record, label's output for it) -> the sample to write, or None to drop it
+Finish = Callable[[str, bytes, Any, dict, Any], "Sample | None"]
+T = TypeVar("T")
+
+_DONE, _ERROR = object(), object()
+
+
+def background(items: Iterable[T], *, name: str, depth: int = PIPELINE_DEPTH) -> Iterator[T]:
+    """``items``, produced by a daemon thread ``name`` up to ``depth`` ahead of the consumer (a bounded queue).
+
+    An exception of the producer is raised in the consumer (with a note naming the thread) after the items before
+    it; when the consumer stops early (an exception of its own, or closing the generator) the producer stops at its
+    next item and is joined, so no thread outlives the map.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for it in items:
+                if not put((None, it)):
+                    return
+            put((_DONE, None))
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which raises it
+            put((_ERROR, e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:  # a generator: its own finally blocks (an inner background thread) run here
+                close()
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, it = q.get()
+            if kind is _DONE:
+                return
+            if kind is _ERROR:
+                it.add_note(f"(raised in the shard map's {name} thread)")
+                raise it
+            yield it
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass
+class Batch:
+    """One batch on its way through the map: keys, stored image bytes, decoded (prepared) images, records, the
+    images as one float tensor (``images_to_tensor``, on the CPU) and, once labelled, ``label``'s outputs."""
+
+    keys: list[str]
+    blobs: list[bytes]
+    images: list[Any]
+    records: list[dict]
+    tensor: Any
+    outputs: list[Any] | None = None
+
+    def names(self) -> str:
+        return f"sample(s) {', '.join(map(repr, self.keys[:3]))}{', ...' if len(self.keys) > 3 else ''} " \
+               f"({len(self.keys)} in the batch)"
 
 
 def fingerprint(spec: StageSpec, params: Params | dict, world_size: int, **more: Any) -> str:
@@ -107,31 +193,88 @@ class ShardMap:
             log.info("rank %d: %s already holds this share (%s): skipped", self.dist.rank, self.part, self.fingerprint)
             return type(stats).from_dict(doc["stats"])
         self.marker.unlink(missing_ok=True)
-        shards.write_dataset(samples(), self.part, name=self.name, split=self.index.split,
-                             categories=self.index.categories, shard_size=self.params.shard_size,
-                             source=f"{self.spec.stage}:{self.fingerprint}")
+        items = samples()
+        try:
+            shards.write_dataset(items, self.part, name=self.name, split=self.index.split,
+                                 categories=self.index.categories, shard_size=self.params.shard_size,
+                                 source=f"{self.spec.stage}:{self.fingerprint}")
+        finally:  # a failed write stops the map's threads (ShardMap.labelled) before the error propagates
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
         write_json(self.marker, {"fingerprint": self.fingerprint, "part": str(self.part), "stats": stats.to_dict()}, indent=1)
         return stats
 
-    def labelled(self, label: Label, stats: Stats, *, same_size: bool = False, allow_parts: bool = False,
-                 on_batch: Callable[[int], None] = lambda n: None) -> Iterator[Sample]:
-        """This rank's samples, each record's ``proposals`` replaced by ``label`` of its batch (``batch_size`` images;
-        ``same_size``: split into runs of one image size, never padded; else zero-padded to the largest)."""
+    def batches(self, *, same_size: bool = False, allow_parts: bool = False,
+                prepare: Callable[[str, Any], Any] | None = None) -> Iterator[Batch]:
+        """This rank's share as decoded batches of ``batch_size`` images (``same_size``: split into runs of one image
+        size, never padded; else zero-padded to the largest), each image through ``prepare(key, image)`` (an
+        augmentation that keeps the size) when given."""
         d, bs = self.dist, self.params.batch_size
+
+        def prepared(key: str, image):
+            try:
+                return prepare(key, image)
+            except Exception as e:
+                e.add_note(f"preparing sample {key!r}")
+                raise
+
+        def batch(keys, blobs, images, records) -> Batch:
+            if prepare is not None:
+                images = [prepared(k, im) for k, im in zip(keys, images)]
+            return Batch(list(keys), list(blobs), list(images), list(records), images_to_tensor(images))
+
         if same_size:
             for group in iter_same_size(self.images, bs, rank=d.rank, world_size=d.world_size, allow_parts=allow_parts):
-                keys, records = [g[0] for g in group], [g[3] for g in group]
-                images = images_to_tensor([g[2] for g in group]).to(d.device)
-                for (key, raw, _, record), props in zip(group, label(keys, images, records, stats)):
-                    yield key, raw, with_proposals(record, props)
-                on_batch(len(group))
+                yield batch(*zip(*group))
             return
         for keys, blobs, records in iter_batches(self.images, bs, rank=d.rank, world_size=d.world_size, decode=False,
                                                  allow_parts=allow_parts):
-            images = images_to_tensor([shards.decode_image(b, key=k) for k, b in zip(keys, blobs)]).to(d.device)
-            for key, blob, record, props in zip(keys, blobs, records, label(keys, images, records, stats)):
-                yield key, blob, with_proposals(record, props)
-            on_batch(len(keys))
+            yield batch(keys, blobs, [shards.decode_image(b, key=k) for k, b in zip(keys, blobs)], records)
+
+    def labelled(self, label: Label, stats: Stats, *, same_size: bool = False, allow_parts: bool = False,
+                 on_batch: Callable[[int], None] = lambda n: None, prepare: Callable[[str, Any], Any] | None = None,
+                 finish: Finish | None = None) -> Iterator[Sample]:
+        """This rank's samples labelled by ``label(keys, images, records, stats)`` (``images``: the batch as one tensor
+        on the device; returns one output per image), each made a sample by ``finish(key, blob, image, record,
+        output)`` (None drops it; default: the record with ``proposals`` = output). Batches as :meth:`batches`.
+
+        Overlapped (module doc, "Overlap"): the loader thread reads, decodes and ``prepare``s, the labelling thread
+        runs ``label``, the caller's thread ``finish`` and whatever consumes the samples (``shards.write_dataset``).
+        ``label`` runs in the caller's grad mode; ``label`` and ``finish`` should count into different fields of
+        ``stats`` (they run at the same time).
+        """
+        device, grad = self.dist.device, torch.is_grad_enabled()
+
+        def run_label(batches: Iterable[Batch]) -> Iterator[Batch]:
+            with torch.set_grad_enabled(grad):
+                for b in batches:
+                    try:
+                        b.outputs = label(b.keys, b.tensor.to(device), b.records, stats)
+                    except Exception as e:
+                        e.add_note(f"labelling {b.names()}")
+                        raise
+                    yield b
+
+        loaded = background(self.batches(same_size=same_size, allow_parts=allow_parts, prepare=prepare), name="loader")
+        done = background(run_label(loaded), name="labelling")
+        try:
+            for b in done:
+                for key, blob, image, record, out in zip(b.keys, b.blobs, b.images, b.records, b.outputs):
+                    if finish is None:
+                        yield key, blob, with_proposals(record, out)
+                        continue
+                    try:
+                        sample = finish(key, blob, image, record, out)
+                    except Exception as e:
+                        e.add_note(f"finishing sample {key!r}")
+                        raise
+                    if sample is not None:
+                        yield sample
+                on_batch(len(b.keys))
+        finally:  # stop and join the threads now, not when the generators are collected
+            done.close()
+            loaded.close()
 
     def finish(self, stats: Stats, metrics: Callable[[Stats, float, shards.DatasetIndex | None], dict] | None = None,
                publish: Callable[[Path], None] | None = None, logger=None):

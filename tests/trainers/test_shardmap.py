@@ -2,6 +2,8 @@
 publish a part that died half-way."""
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -11,7 +13,7 @@ from contract.stages.pseudo_label import PseudoLabelParams
 from runtime_helpers import write_partworld
 from trainers.comm import Stats
 from trainers.data import shards
-from trainers.shardmap import MARKER_DIR, ShardMap, fingerprint
+from trainers.shardmap import MARKER_DIR, PIPELINE_DEPTH, ShardMap, background, fingerprint
 
 
 @dataclass
@@ -111,3 +113,66 @@ def test_counters_add_and_become_metrics():
     a.add(b)
     assert a.as_metrics() == {"test/images": 4.0, "test/proposals": 6.0}
     assert Counted.from_dict(a.to_dict()) == a
+
+
+def test_background_keeps_the_order_bounds_its_lead_and_stops_with_the_consumer():
+    pulled = []
+
+    def items():
+        for i in range(100):
+            pulled.append(i)
+            yield i
+
+    before = threading.active_count()
+    it = background(items(), name="t")
+    assert next(it) == 0
+    time.sleep(0.2)  # room for a producer that ignored its bound to run ahead
+    assert len(pulled) <= PIPELINE_DEPTH + 2  # the one handed over, the queue, the one waiting to be put
+    assert list(zip(range(3), it)) == [(0, 1), (1, 2), (2, 3)]
+    it.close()  # the consumer stops early: the producer stops and is joined
+    assert threading.active_count() == before and len(pulled) < 100
+
+    def failing():
+        yield "a"
+        raise KeyError("b")
+
+    got = []
+    with pytest.raises(KeyError) as err:
+        got.extend(background(failing(), name="loader"))
+    assert got == ["a"] and any("loader thread" in n for n in err.value.__notes__)
+    assert threading.active_count() == before
+
+
+def test_an_error_in_any_thread_of_the_map_names_its_samples_and_publishes_nothing(tmp_path, images, one_rank):
+    spec, before = spec_for(tmp_path, images), threading.active_count()
+    keys = [k for k, _, _ in shards.iter_samples(images, decode=False)]
+
+    def bad(where):
+        def prepare(key, image):
+            if where == "prepare" and key == keys[6]:
+                raise ValueError("cannot augment")
+            return image
+
+        def label(keys_, images_, records, stats):
+            if where == "label" and keys[6] in keys_:
+                raise RuntimeError("forward failed")
+            return [[] for _ in keys_]
+
+        def finish(key, blob, image, record, out):
+            if where == "finish" and key == keys[6]:
+                raise ValueError("cannot encode")
+            return key, blob, record
+
+        sm = ShardMap(spec, PseudoLabelParams(batch_size=4, shard_size=2), name="t")
+        return lambda: sm.write_part(lambda: sm.labelled(label, Counted(), prepare=prepare, finish=finish), Counted())
+
+    for where, note in [("prepare", f"preparing sample {keys[6]!r}"), ("label", f"labelling sample(s) {keys[4]!r}"),
+                        ("finish", f"finishing sample {keys[6]!r}")]:
+        with pytest.raises((ValueError, RuntimeError)) as err:
+            bad(where)()
+        assert any(note in n for n in err.value.__notes__), (where, err.value.__notes__)
+        with pytest.raises(shards.DataError):
+            shards.DatasetIndex.load(shards.part_dir(tmp_path / "out", 0))
+        assert threading.active_count() == before, where  # every thread of the map stopped and joined
+    bad("nothing")()
+    assert [k for k, _, _ in shards.iter_samples(shards.part_dir(tmp_path / "out", 0), decode=False)] == keys  # in order

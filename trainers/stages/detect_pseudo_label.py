@@ -15,8 +15,6 @@ import torch
 
 from contract.spec import StageSpec
 from contract.stages import params_of
-from trainers.data import shards
-from trainers.data.batches import images_to_tensor, iter_batches
 from trainers.data.pseudo_labels import EmptyPseudoLabels, PseudoLabelCounts, augment, empty_message, pseudo_labels, with_pseudo_labels
 from trainers.data.panoptic import is_thing
 from trainers.inputs import StageInputError, load_model_input, model_input_path
@@ -37,25 +35,33 @@ def run(spec: StageSpec):
     _check_entities(spec, p.entities)
 
     def samples(counts: PseudoLabelCounts):
-        t_load = time.perf_counter()
+        """The shard map's overlapped loop (trainers/shardmap.py "Overlap"): decode + augment in its loader thread,
+        the forward pass in its labelling thread, thresholding + RLE encoding here as the shards are written."""
         detector = load_model_input(spec, "detector", d.device)
-        counts.load_s += time.perf_counter() - t_load
-        for keys, blobs, records in iter_batches(sm.images, p.batch_size, rank=d.rank, world_size=d.world_size, decode=False):
-            images = [augment(shards.decode_image(b, key=k), k, p.augment, p.seed) for k, b in zip(keys, blobs)]
+        # everything since the map started (the input checks, importing the model code, loading the detector) is
+        # set-up, apart from the labelling loop the share outside the forward pass is about
+        counts.load_s += time.perf_counter() - sm.t0
+
+        def label(keys, images, records, stats: PseudoLabelCounts):
             t0 = time.perf_counter()
             with torch.no_grad():
-                preds = detector.predict(images_to_tensor(images).to(d.device), top_k=p.max_detections)
-            counts.forward_s += time.perf_counter() - t0
-            for key, blob, image, record, pred in zip(keys, blobs, images, records, preds):
-                counts.images += 1
-                counts.gt_objects_dropped += len(record.get("objects", [])) + len(record.get("stuff", []))
-                counts.count_scores(pred.scores)
-                labels = pseudo_labels(pred, p.delta, index_to_cat)
-                if not labels:  # eq. 3: D^p holds images with at least one pseudo-label
-                    counts.images_without_labels += 1
-                    continue
-                counts.labels += len(labels)
-                yield key, blob if p.augment == "none" else image, with_pseudo_labels(record, labels)
+                preds = detector.predict(images, top_k=p.max_detections)
+            stats.forward_s += time.perf_counter() - t0
+            return preds
+
+        def finish(key, blob, image, record, pred):
+            counts.images += 1
+            counts.gt_objects_dropped += len(record.get("objects", [])) + len(record.get("stuff", []))
+            counts.count_scores(pred.scores)
+            labels = pseudo_labels(pred, p.delta, index_to_cat)
+            if not labels:  # eq. 3: D^p holds images with at least one pseudo-label
+                counts.images_without_labels += 1
+                return None
+            counts.labels += len(labels)
+            return key, blob if p.augment == "none" else image, with_pseudo_labels(record, labels)
+
+        prepare = None if p.augment == "none" else (lambda key, image: augment(image, key, p.augment, p.seed))
+        return sm.labelled(label, counts, prepare=prepare, finish=finish)
 
     counts = PseudoLabelCounts()
     counts = sm.write_part(lambda: samples(counts), counts)
@@ -75,6 +81,7 @@ def run(spec: StageSpec):
         return out
 
     return sm.finish(counts, metrics)
+
 
 def _check_entities(spec: StageSpec, entities: bool) -> None:
     """params.entities must say what the detector is (CaSP sec. 3.3): an entity detector's object pseudo-labels would
