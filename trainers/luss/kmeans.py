@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.parts.class_clusters import _faiss_gpu as faiss_gpu  # noqa: F401  (one resolution of use_gpu for every stage)
 from trainers.parts.class_clusters import spill_chunks
 
 BLOCK_ROWS = 65536  # rows assigned at once

@@ -159,7 +159,9 @@ def partition_classes(class_ids, world_size: int, counts: dict[int, int] | None 
     return [sorted(o) for o in out]
 
 
-def _faiss_gpu(use_gpu) -> bool:
+def faiss_gpu(use_gpu) -> bool:
+    """Whether a faiss index should live on the GPU: ``use_gpu`` "auto" (when this faiss build sees one), True (an
+    error if it sees none) or False. One resolution for every stage that clusters with faiss."""
     import faiss
 
     available = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
@@ -262,7 +264,7 @@ def cluster_classes(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = partition_classes(class_ids, world_size, counts)[rank]
-    gpu = _faiss_gpu(use_gpu)
+    gpu = faiss_gpu(use_gpu)
     params = json.dumps({"k": k, "niter": niter, "seed": seed, "metric": "cosine",
                          "max_points_per_centroid": max_points_per_centroid}, sort_keys=True)
     summary: dict = {"rank": rank, "world_size": world_size, "classes": {}, "computed": [], "skipped": [], "empty": []}

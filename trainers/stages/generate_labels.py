@@ -38,7 +38,7 @@ from trainers.comm import Stats, all_reduce_max, all_reduce_stats, all_reduce_su
 from trainers.data.batches import images_to_tensor, iter_same_size
 from trainers.engine import MetricLogger
 from trainers.inputs import StageInputError, model_input_path
-from trainers.luss.kmeans import assign_blocks, faiss_gpu, read_sample, spilled_rows, train_kmeans
+from trainers.luss.kmeans import assign_blocks, read_sample, spilled_rows, train_kmeans
 from trainers.luss.labels import (
     LabelRule,
     attention_histogram,
@@ -50,7 +50,7 @@ from trainers.luss.labels import (
     sample_pixels,
 )
 from trainers.luss.model import PixelAttention, RepresentationFileError, backbone_from, output_stride_of, read_model_file
-from trainers.parts.class_clusters import FeatureSpill
+from trainers.parts.class_clusters import FeatureSpill, faiss_gpu
 from trainers.shardmap import ShardMap
 
 log = logging.getLogger(__name__)

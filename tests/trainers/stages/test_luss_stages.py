@@ -152,3 +152,50 @@ def test_evaluating_a_representation_without_labels_or_head_names_the_input(worl
                       models={"candidate": attention_file}, nproc=1, dataset_out=world["root"] / "pred-bad")
     with pytest.raises(StageInputError, match="no segmentation head; give inputs.datasets.labels"):
         run("evaluate-segmentation", spec)
+
+
+def head_file(world, attention_file, num_classes: int, constant: int) -> Path:
+    """The attention file's backbone with a 1x1 head that predicts class ``constant`` at every pixel (zero weights)."""
+    from trainers.luss.model import read_model_file, save_model_file
+
+    doc = read_model_file(attention_file)
+    bias = torch.full((num_classes,), -5.0)
+    bias[constant] = 5.0
+    head = {"weight": torch.zeros(num_classes, 64, 1, 1), "bias": bias}
+    return save_model_file(world["root"] / f"head-{num_classes}-{constant}.pt", "test_convnext", doc["state_dict"],
+                           stage="finetune-segmentation", output_stride=16,
+                           extra={"num_classes": num_classes, "segmentation_head": head, "targets": "ground_truth"})
+
+
+def test_the_semi_supervised_protocol_trains_on_painted_objects_and_scores_category_ids(world, attention_file, one_rank):
+    """Sec. 3.2.1: ``targets: ground_truth`` paints a labeled image's objects as categories (its training targets),
+    and the evaluation scores such a model's labels as ground-truth ids (no matching); a model with another number
+    of labels is refused."""
+    from trainers.data import shards
+    from trainers.data.imagenet_s import class_indices, decode_label_png, semantic_map
+    from trainers.inputs import StageInputError
+    from trainers.stages.finetune_segmentation import SegmentationSample
+
+    categories = shards.DatasetIndex.load(world["eval"]).categories
+    classes, num_gt = class_indices(categories), len(categories) + 1
+    key, image, record = next(shards.iter_samples(world["train"]))
+    _, labels = SegmentationSample("ground_truth", classes, 64, (1.0, 1.0), 0.0)((key, image, record))
+    assert torch.equal(labels, torch.from_numpy(semantic_map(record, classes)).long()) and int(labels.max()) > 0
+
+    out = world["root"] / "pred-semi"
+    run("evaluate-segmentation", stage_spec("evaluate-segmentation", world["root"] / "ev-semi", datasets={"eval": world["eval"]},
+                                            models={"candidate": head_file(world, attention_file, num_gt, 2)},
+                                            params={"protocol": "semi_supervised"}, nproc=1, dataset_out=out))
+    m = result(world["root"] / "ev-semi")["metrics"]
+    match = json.loads((out / "match.json").read_text())
+    ids = [int(c["id"]) for c in categories]
+    assert match["protocol"] == "semi_supervised" and list(match["mapping"].values()) == [0] + ids  # the identity
+    matched = [decode_label_png(p) for p in sorted((out / "matched").rglob("*.png"))]
+    assert len(matched) == m["luss/images"] == 6 and all((a == ids[1]).all() for a in matched)  # class 2 stays category 2
+    assert m["luss/fbeta"] > 0 and 0.0 <= m["luss/miou"] < 0.5
+    with pytest.raises(StageInputError, match=f"semi_supervised needs a model of the {num_gt - 1} ground-truth categories"):
+        run("evaluate-segmentation", stage_spec("evaluate-segmentation", world["root"] / "ev-semi-bad",
+                                                datasets={"eval": world["eval"]},
+                                                models={"candidate": head_file(world, attention_file, num_gt + 1, 2)},
+                                                params={"protocol": "semi_supervised"}, nproc=1,
+                                                dataset_out=world["root"] / "pred-semi-bad"))
