@@ -1,5 +1,5 @@
-"""CaSP's entity labels (sec. 3.3): the labeling detector trained on things and stuff as one class-free entity, its
-file marked so; detect-pseudo-label with entities keeps every entity and copies no ground truth (neither objects nor
+"""CaSP's entity labels (sec. 3.3): the labeling detector's targets are things and stuff as one class-free entity, its
+file is marked so; detect-pseudo-label with entities keeps every entity and copies no ground truth (neither objects nor
 stuff); a detector trained the other way, or entities on data without stuff, is a named error."""
 from __future__ import annotations
 
@@ -27,23 +27,33 @@ def _stuff_world(out, start: int, count: int, strip: bool = False):
     return out
 
 
-def test_entity_targets_are_things_and_stuff_all_labelled_entity():
-    from trainers.stages.instance_teacher import entity_targets
+def test_entity_training_targets_are_every_thing_and_stuff_region_as_one_class(tmp_path):
+    """What instance-teacher feeds the engine with entities: true (the DeepSpeed loop itself is the engine's tests')."""
+    import functools
 
-    _, _, record = next(generate(STUFF64, "train", 0, 1))
-    labels = {c["id"]: 0 for c in category_table(STUFF64)}
-    t = entity_targets(record, labels)
-    n = len(record["objects"]) + len(record["stuff"])
-    assert len(record["stuff"]) > 0 and t["labels"].tolist() == [0] * n and tuple(t["masks"].shape) == (n, 64, 64)
+    from trainers.data.batches import ToTrainSample
+    from trainers.stages.instance_teacher import _entity_labels, entity_targets
+
+    labeled = _stuff_world(tmp_path / "labeled", 0, 4)
+    labels = _entity_labels(str(labeled))
+    assert labels == {c["id"]: 0 for c in category_table(STUFF64)}  # things and stuff alike
+    transform = ToTrainSample(functools.partial(entity_targets, labels=labels), flip_prob=0.0)
+    for sample in shards.iter_samples(labeled):
+        image, target = transform(sample)
+        n = len(sample[2]["objects"]) + len(sample[2]["stuff"])
+        assert len(sample[2]["stuff"]) > 0 and target["labels"].tolist() == [0] * n
+        assert tuple(target["masks"].shape) == (n, 64, 64) and tuple(image.shape) == (3, 64, 64)
 
 
-def test_an_entity_detector_trains_on_stuff_and_its_pseudo_labels_keep_entities_only(tmp_path, one_rank):
+def test_an_entity_detector_is_marked_and_its_pseudo_labels_keep_entities_only(tmp_path, one_rank):
     from trainers.stages.detect_pseudo_label import run as label
-    from trainers.stages.instance_teacher import run as train
+    from trainers.stages.instance_teacher import run as teacher
 
-    spec = stage_spec("instance-teacher", tmp_path / "work", datasets={"train": _stuff_world(tmp_path / "labeled", 0, 4)},
-                      nproc=1, micro=2, params={"steps": 1, "class_agnostic": True, "entities": True, "model": TINY_MODEL})
-    res = train(spec)
+    # an imported detector declared an entity detector (training marks it the same way: instance_teacher.run)
+    source = tiny_segmenter_file(tmp_path / "h_L.pt", num_classes=1)
+    spec = stage_spec("instance-teacher", tmp_path / "work", nproc=1,
+                      params={"import_from": str(source), "class_agnostic": True, "entities": True})
+    res = teacher(spec)
     blob = read_segmenter_file(res.model_path)
     assert blob["entities"] is True and blob["class_agnostic"] is True and blob["config"]["decoder"]["num_classes"] == 1
 
