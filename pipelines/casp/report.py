@@ -75,6 +75,30 @@ def plot_sweep(rows: list[dict[str, float]], out_png) -> Any:
     return out_png
 
 
+def selection(outcomes: list[Any]) -> list[dict[str, Any]]:
+    """The val-split figures the promotion read (every ``<stage>-val``): the stage, its class-agnostic and
+    class-specific mask AP on val and each alias decision (promoted or kept, with the reason)."""
+    nan = float("nan")
+    out = []
+    for o in outcomes:
+        if not o.name.endswith("-val"):
+            continue
+        m = (o.result or {}).get("metrics") or {}
+        out.append({"stage": o.name[: -len("-val")], "AP^seg-a": float(m.get("eval/mask_AP_agnostic", nan)),
+                    "AP^seg": float(m.get("eval/mask_AP", nan)),
+                    "decisions": [f"{d.alias}: {'promoted' if d.promoted else 'kept'} ({d.reason})"
+                                  for d in getattr(o, "decisions", None) or []]})
+    return out
+
+
+def format_selection(rows: list[dict[str, Any]], metric: str) -> str:
+    lines = [f"Selection on the val split (promotion reads {metric} there, never the eval split)",
+             "| model | val AP^seg-a | val AP^seg | decision |", "| --- | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {_pct(r['AP^seg-a'])} | {_pct(r['AP^seg'])} | {'; '.join(r['decisions']) or '-'} |")
+    return "\n".join(lines)
+
+
 def _pct(v: float) -> str:
     return "-" if v != v else f"{100 * v:.1f}"
 
@@ -122,6 +146,9 @@ def write_report(cfg: CaspConfig, result: Any, lineage: Any) -> str:
         text += (f"\npseudo-labels (delta={cfg.casp.delta:g}): {int(pseudo.get('pseudo/labels', 0))} on "
                  f"{int(pseudo.get('pseudo/images', 0) - pseudo.get('pseudo/images_without_labels', 0))} of "
                  f"{int(pseudo.get('pseudo/images', 0))} images ({int(pseudo.get('pseudo/images_without_labels', 0))} without one, dropped)")
+    chosen = selection(result.stages)
+    if chosen:
+        text += "\n\n" + format_selection(chosen, cfg.casp.evaluation.promotion_metric)
     sweep = sweep_table(result.stages, cfg) if cfg.casp.delta_sweep else []
     if sweep:
         text += "\n\nTable 7 layout (late pretraining on the pseudo-labels of each delta, eval split)\n" + format_sweep(sweep)
@@ -143,6 +170,7 @@ def write_report(cfg: CaspConfig, result: Any, lineage: Any) -> str:
             if v == v:
                 lineage.client.log_metric(result.mlflow_run_id, f"table2.{key}.{col.replace(' ', '_').replace('^', '')}", v)
     write_json(report_dir / "summary.json", {"run": result.run, "mlflow_run_id": result.mlflow_run_id,
-                                             "table2": {label: vals for label, vals in rows}, "table7": sweep})
+                                             "table2": {label: vals for label, vals in rows}, "table7": sweep,
+                                             "selection": chosen})
     plots = f"plots: {png}, {report_dir / 'table7.png'}" if sweep else f"plot: {png}"
     return "\n".join([text, "", plots, f"report folder: {report_dir}"])
