@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,6 @@ from trainers.data.panoptic import (
 )
 from trainers.structures import decode_mask
 
-REPO = Path(__file__).resolve().parents[3]
 SMALL = partworld.PartWorldConfig(image_size=64, num_classes=6, num_part_types=10, train_images=6, eval_images=6,
                                   val_images=4, min_object_area=32)
 STUFF = SMALL.model_copy(update={"stuff_classes": 4})
@@ -68,11 +65,15 @@ def test_export_then_import_panoptic_gives_back_every_thing_and_stuff_mask(tmp_p
     _write(STUFF, "train", tmp_path / "pw")
     doc = export_panoptic(tmp_path / "pw", tmp_path / "panoptic.json", tmp_path / "pngs", tmp_path / "images")
     assert {c["isthing"] for c in doc["categories"]} == {0, 1}
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "import", "panoptic",
-                           str(tmp_path / "panoptic.json"), "--png-dir", str(tmp_path / "pngs"),
-                           "--images", str(tmp_path / "images"), "-o", str(tmp_path / "imported")],
-                          cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    res = CliRunner().invoke(app, ["data", "import", "panoptic", str(tmp_path / "panoptic.json"), "--png-dir",
+                                   str(tmp_path / "pngs"), "--images", str(tmp_path / "images"), "-o",
+                                   str(tmp_path / "imported")])
+    assert res.exit_code == 0, res.output
+    assert "thing and" in res.output and f"{STUFF.train_images} samples" in res.output
     index = shards.DatasetIndex.load(tmp_path / "imported")
     assert index.categories == partworld.category_table(STUFF)
     rep = index.notes["import"]
@@ -108,6 +109,14 @@ def test_a_png_whose_ids_disagree_with_its_json_is_named_and_quarantined_with_sk
                             skip_bad=True)
     assert index.num_samples == 2 and len(index.quarantined) == 1
     assert Path(index.quarantined[0]["source"]).name == Path(bad["file_name"]).name
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    res = CliRunner().invoke(app, ["data", "import", "panoptic", str(tmp_path / "panoptic.json"), "--png-dir",
+                                   str(tmp_path / "pngs"), "--images", str(tmp_path / "images"), "-o",
+                                   str(tmp_path / "cli"), "--skip-bad"])
+    assert res.exit_code == 0 and "1 sample(s) quarantined" in res.output and "70000" in res.output, res.output
     # the reverse: a segment listed in the JSON that the PNG does not hold
     bad["segments_info"].append({"id": 4242, "category_id": 7, "iscrowd": 0, "area": 1})
     png.write_bytes(encode_segment_ids(np.where(ids == 70000, 0, ids)))
