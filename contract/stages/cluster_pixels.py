@@ -5,10 +5,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from contract.stages import Params, StageDefinition
+from contract.stages import StageDefinition
+from contract.stages.input_size import InputSizeParams
 
 
-class ClusterPixelsParams(Params):
+class ClusterPixelsParams(InputSizeParams):
     """Dataset-level k-means of mine-parts' pixel features per object class (sec. 5; k as rank-parts)."""
 
     k: int = Field(default=8, ge=1, description="Clusters per object class (the paper's k=8).")

@@ -5,10 +5,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from contract.stages import Params, StageDefinition
+from contract.stages import StageDefinition
+from contract.stages.input_size import InputSizeParams
 
 
-class EvaluatePartsParams(Params):
+class EvaluatePartsParams(InputSizeParams):
     """Settings reported and the objects of the 'pred' setting (sec. 5.1, Table 3 'GT Object')."""
 
     settings: tuple[Literal["gt", "pred"], ...] = Field(default=("gt", "pred"), min_length=1, description="gt: with ground-truth object masks and classes; pred: with the instance teacher's detections (Table 3).")

@@ -5,10 +5,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from contract.stages import Params, StageDefinition
+from contract.stages import StageDefinition
+from contract.stages.input_size import InputSizeParams
 
 
-class EvaluateProposalsParams(Params):
+class EvaluateProposalsParams(InputSizeParams):
     """Where the proposals come from and how recall is measured (sec. 5.1)."""
 
     baseline: Literal["strips"] | None = Field(default=None, description="'strips': evaluate the naive baseline (every instance cut into k equal-area strips along its major axis) instead of a model or dataset.")

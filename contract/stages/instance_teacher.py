@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from contract.stages import StageDefinition
+from contract.stages.input_size import InputSizeParams
 from contract.stages.training import TrainParams, merged_over
 
 # Sized for 2 shared CPU cores: on the demo PartWorld (112 px, 12 classes, 1500 images) 400 steps of 2 ranks x 4
@@ -19,7 +20,7 @@ MODEL = {
 }
 
 
-class InstanceTeacherParams(TrainParams):
+class InstanceTeacherParams(TrainParams, InputSizeParams):
     """The engine's params (teacher defaults) plus the architecture, augmentation and import."""
 
     steps: int = Field(default=400, ge=1, description="Optimizer steps to train in total.")

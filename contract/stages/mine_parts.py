@@ -5,10 +5,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from contract.stages import Params, StageDefinition
+from contract.stages import StageDefinition
+from contract.stages.input_size import InputSizeParams
 
 
-class MinePartsParams(Params):
+class MinePartsParams(InputSizeParams):
     """Part mining (PartDistillation sec. 4.2; defaults are the paper's setting)."""
 
     k: int = Field(default=4, ge=1, description="Clusters (part proposals) per instance (Fig. 6 left: k=4).")

@@ -5,10 +5,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from contract.stages import Params, StageDefinition
+from contract.stages import StageDefinition
+from contract.stages.input_size import InputSizeParams
 
 
-class PseudoLabelParams(Params):
+class PseudoLabelParams(InputSizeParams):
     """The self-training filters of sec. 4.2 ("we filter out part proposals that do not overlap with the object instance mask or have low score")."""
 
     score_threshold: float = Field(default=0.5, ge=0, le=1, description="Part predictions kept with score > this.")

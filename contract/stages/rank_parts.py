@@ -5,10 +5,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from contract.stages import Params, StageDefinition
+from contract.stages import StageDefinition
+from contract.stages.input_size import InputSizeParams
 
 
-class RankPartsParams(Params):
+class RankPartsParams(InputSizeParams):
     """Candidates (eq. 1, score and area), per-class k-means and eq. 2 scores (sec. 4.3)."""
 
     k: int = Field(default=8, ge=1, description="Clusters per object class ('for association we set k=8', sec. 5).")

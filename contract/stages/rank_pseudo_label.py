@@ -5,10 +5,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from contract.stages import Params, StageDefinition
+from contract.stages import StageDefinition
+from contract.stages.input_size import InputSizeParams
 
 
-class RankPseudoLabelParams(Params):
+class RankPseudoLabelParams(InputSizeParams):
     """rank-parts' postprocessing on the ranker's class-conditioned predictions (sec. 4.3: 'the same ... area and score thresholds')."""
 
     score_threshold: float = Field(default=0.3, ge=0, le=1, description="Parts kept with class-conditioned score > this.")

@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from contract.stages import StageDefinition
+from contract.stages.input_size import InputSizeParams
 from contract.stages.training import TrainParams, merged_over
 
 # 1-4 objects x up to ~6 parts per PartWorld image: 40 queries leave room for misses and background.
@@ -18,7 +19,7 @@ MODEL = {
 }
 
 
-class TrainProposalsParams(TrainParams):
+class TrainProposalsParams(TrainParams, InputSizeParams):
     """The engine's params (part-decoder defaults) plus the decoder, augmentation and round."""
 
     steps: int = Field(default=400, ge=1, description="Optimizer steps to train in total.")

@@ -6,10 +6,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 from contract.stages import StageDefinition
+from contract.stages.input_size import InputSizeParams
 from contract.stages.training import TrainParams
 
 
-class TrainRankerParams(TrainParams):
+class TrainRankerParams(TrainParams, InputSizeParams):
     """The engine's params (ranker defaults) plus decoder overrides, augmentation and round."""
 
     steps: int = Field(default=200, ge=1, description="Optimizer steps to train in total.")

@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from contract.spec import StageSpec
+from contract.stages.input_size import InputSizeParams
 from pipelines.config import PIPELINES, PipelineConfig, _Strict, stage_params
 
 INSTANCE_TEACHER = "partdistillation-instance-teacher"
@@ -87,6 +88,7 @@ class PartDistillationSection(_Strict):
     val: str = Field(default="partworld-demo/val", description="Selection split with part masks (relative: to workspace.data): promotion reads its metrics (selection.criterion: val), never the reported split's.")
     eval: str = Field(default="partworld-demo/eval", description="The reported split with part masks (relative: to workspace.data); only the reporting evaluations read it.")
     selection: SelectionParams = Field(default_factory=SelectionParams, description="Model selection: the val split or a label-free criterion.")
+    input_size: InputSizeParams = Field(default_factory=InputSizeParams, description="The size images enter the instance and part models at, in training and inference, in every stage that runs them (min_size: shortest edge, max_size: longest edge at most; detectron2's convention; default: as stored). Predictions are scored and written at the datasets' resolution; a stage's own params override it.")
     teacher: TeacherParams = Field(default_factory=TeacherParams, description="Instance teacher.")
     mining: MiningParams = Field(default_factory=MiningParams, description="Part mining (sec. 4.2).")
     proposals: RoundParams = Field(default_factory=RoundParams, description="Self-training rounds of part proposals.")

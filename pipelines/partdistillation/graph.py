@@ -22,6 +22,8 @@ from typing import Any
 
 from contract.io import deep_merge
 from contract.spec import StageSpec
+from contract.stages import STAGES
+from contract.stages.input_size import InputSizeParams
 from contract.stages.train_proposals import TrainProposalsParams
 from pipelines.config import PipelineConfig
 from pipelines.partdistillation.config import INSTANCE_TEACHER, ONE_STAGE, PART_PROPOSALS, PART_RANKER, PartDistillationConfig
@@ -132,7 +134,16 @@ def build_stages(cfg: PartDistillationConfig, run: str) -> list[StageSpec]:
     specs = _stage1(cfg, run)
     if pd.ranking.enabled:
         specs += _stage2(cfg, run)
-    return specs
+    return [_at_input_size(cfg, s) for s in specs]
+
+
+def _at_input_size(cfg: PartDistillationConfig, spec: StageSpec) -> StageSpec:
+    """``input_size`` into the params of a stage that runs the models on images (its params mix in InputSizeParams);
+    the stage's own min_size / max_size win. Unset: the spec unchanged (images as stored)."""
+    size = cfg.partdistillation.input_size.model_dump(exclude_none=True)
+    if not size or not issubclass(STAGES[spec.stage].params, InputSizeParams):
+        return spec
+    return spec.model_copy(update={"params": {**size, **spec.params}})
 
 
 def _promotion(cfg: PartDistillationConfig, model: str, split: str):

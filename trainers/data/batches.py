@@ -5,11 +5,13 @@ engine, reads images and records through these.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from trainers.data import shards
 from trainers.structures import decode_mask
@@ -26,6 +28,85 @@ def images_to_tensor(images: list[np.ndarray]) -> Tensor:
         t = torch.from_numpy(np.array(im[..., :3])).permute(2, 0, 1).float().div_(255.0)
         out[i, :, : t.shape[1], : t.shape[2]] = t
     return out
+
+
+@dataclass(frozen=True)
+class InputSize:
+    """The size images enter the models at (``contract.stages.input_size.InputSizeParams``; detectron2's
+    ResizeShortestEdge): the shortest edge resized to ``min_size`` unless the longest would then exceed ``max_size``.
+    Both None (false): images as stored. The one place the resize happens: the training transforms
+    (:class:`ToTrainSample`, :class:`StrongAugment`) and the inference wrapper (:func:`at_input_size`) use it."""
+
+    min_size: int | None = None
+    max_size: int | None = None
+
+    @classmethod
+    def of(cls, params) -> "InputSize":
+        """The input size of a stage's params (their ``min_size`` and ``max_size``)."""
+        return cls(params.min_size, params.max_size)
+
+    def __bool__(self) -> bool:
+        return self.min_size is not None or self.max_size is not None
+
+    def shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of that size is resized to (detectron2's ``ResizeShortestEdge.get_output_shape``)."""
+        scale = 1.0 if self.min_size is None else self.min_size / min(height, width)
+        if self.max_size is not None and max(height, width) * scale > self.max_size:
+            scale = self.max_size / max(height, width)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    def images(self, images: Tensor) -> Tensor:
+        """Images ``[..., 3, H, W]`` (uint8 [0, 255] or float [0, 1]) at the input size, float [0, 1] (bilinear,
+        antialiased when shrinking, as PIL's resize)."""
+        size = self.shape(*images.shape[-2:])
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        if size == tuple(images.shape[-2:]):
+            return images
+        flat = images.reshape(-1, *images.shape[-3:])
+        out = F.interpolate(flat.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        return out.clamp_(0.0, 1.0).reshape(*images.shape[:-2], *size)
+
+    def masks(self, masks: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """bool masks ``[M, H, W]`` at ``size`` (default: the input size of an H x W image), nearest neighbour."""
+        size = size or self.shape(*masks.shape[-2:])
+        if size == tuple(masks.shape[-2:]):
+            return masks
+        if masks.shape[0] == 0:
+            return masks.new_zeros((0, *size))
+        return F.interpolate(masks[None].float(), size=size, mode="nearest")[0] > 0.5
+
+
+class AtInputSize(nn.Module):
+    """A Segmenter that sees every image at an :class:`InputSize` and answers at the size of the images it was given:
+    ``predict`` upsamples the mask logits to that size (bilinear, as ``postprocess`` does), so masks, metrics and
+    written predictions stay at the dataset's resolution. ``forward`` returns the decoder outputs of the resized images
+    (mask logits at stride 4 of the input size: callers interpolate them to their object masks' size, as
+    ``trainers.parts.ranking`` does); ``pixel_features`` the resized images' features (mining samples them at
+    normalised pixel centres, so they serve the stored resolution)."""
+
+    def __init__(self, model: nn.Module, size: InputSize):
+        super().__init__()
+        self.model, self.size, self.cfg = model, size, model.cfg
+
+    def forward(self, images: Tensor) -> dict:
+        return self.model(self.size.images(images))
+
+    def pixel_features(self, images: Tensor) -> list[Tensor]:
+        return self.model.pixel_features(self.size.images(images))
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, top_k: int | None = None):
+        from trainers.models.segmenter import postprocess
+
+        return postprocess(self(images), tuple(images.shape[-2:]), top_k or self.cfg.top_k)
+
+
+def at_input_size(model, params):
+    """``model`` run at the input size of a stage's ``params`` (:class:`AtInputSize`), or ``model`` itself when the
+    params keep the images as stored (or ``model`` is None)."""
+    size = InputSize.of(params)
+    return AtInputSize(model, size) if size and model is not None else model
 
 
 def category_labels(dataset_dir: str) -> dict[int, int]:
@@ -66,28 +147,31 @@ def hflip(image: np.ndarray, target: dict[str, Tensor]) -> tuple[np.ndarray, dic
 class ToTrainSample:
     """Engine transform: (key, image, record) -> (3xHxW float image in [0, 1], target), with a random horizontal flip.
 
-    ``targets`` is :func:`proposal_targets` or ``functools.partial(object_targets, labels=...)``.
+    ``targets`` is :func:`proposal_targets` or ``functools.partial(object_targets, labels=...)``; image and target
+    masks are resized to ``size`` (:class:`InputSize`; default: as stored).
     """
 
-    def __init__(self, targets, flip_prob: float = 0.5):
-        self.targets, self.flip_prob = targets, flip_prob
+    def __init__(self, targets, flip_prob: float = 0.5, size: InputSize = InputSize()):
+        self.targets, self.flip_prob, self.size = targets, flip_prob, size
 
     def __call__(self, sample):
         _, image, record = sample
         target = self.targets(record)
         if self.flip_prob > 0 and np.random.random() < self.flip_prob:
             image, target = hflip(image, target)
-        return images_to_tensor([image])[0], target
+        image = images_to_tensor([image])[0]
+        if self.size:
+            image, target = self.size.images(image), {**target, "masks": self.size.masks(target["masks"])}
+        return image, target
 
 
-def resized_crop(image: Tensor, masks: Tensor, top: int, left: int, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """Crop ``image [3, H, W]`` and ``masks [M, H, W]`` to the box, then resize both back to H x W (bilinear; masks
-    nearest): scale jitter that keeps the batch's image size."""
-    import torch.nn.functional as F
-
-    h, w = image.shape[-2:]
+def resized_crop(image: Tensor, masks: Tensor, top: int, left: int, height: int, width: int,
+                 size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """Crop ``image [3, H, W]`` and ``masks [M, H, W]`` to the box, then resize both to ``size`` (default: back to
+    H x W; bilinear, masks nearest): scale jitter that keeps the batch's image size."""
+    h, w = size or image.shape[-2:]
     img = F.interpolate(image[None, :, top:top + height, left:left + width], size=(h, w), mode="bilinear",
-                        align_corners=False)[0]
+                        align_corners=False, antialias=h < height or w < width)[0]
     if masks.shape[0] == 0:
         return img, masks.new_zeros((0, h, w))
     m = F.interpolate(masks[:, top:top + height, left:left + width][None].float(), size=(h, w), mode="nearest")[0]
@@ -118,14 +202,16 @@ class StrongAugment:
     inputs"): random horizontal flip, random resized crop (scale jitter: a box of ``scale`` of the image area and
     aspect ratio in ``ratio``, resized back to the image size) and colour jitter. The targets are the teacher's labels,
     made on the un-augmented image, transformed with it; a target the crop leaves empty is dropped.
-    ``targets`` as :class:`ToTrainSample`'s. Randomness from numpy's global generator (seeded per rank by the engine)."""
+    ``targets`` as :class:`ToTrainSample`'s; the crop is resized to the input size ``size`` of the whole image
+    (:class:`InputSize`; default: the image's own size). Randomness from numpy's global generator (seeded per rank by
+    the engine)."""
 
     def __init__(self, targets, flip_prob: float = 0.5, scale: tuple[float, float] = (0.3, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), brightness: float = 0.4, contrast: float = 0.4,
-                 saturation: float = 0.4):
+                 saturation: float = 0.4, size: InputSize = InputSize()):
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
-        self.targets, self.flip_prob, self.scale, self.ratio = targets, flip_prob, scale, ratio
+        self.targets, self.flip_prob, self.scale, self.ratio, self.size = targets, flip_prob, scale, ratio, size
         self.jitter = (brightness, contrast, saturation)
 
     def box(self, rng: np.random.Generator, h: int, w: int) -> tuple[int, int, int, int]:
@@ -147,7 +233,7 @@ class StrongAugment:
             image, target = hflip(image, target)
         img = images_to_tensor([image])[0]
         h, w = img.shape[-2:]
-        img, masks = resized_crop(img, target["masks"], *self.box(rng, h, w))
+        img, masks = resized_crop(img, target["masks"], *self.box(rng, h, w), size=self.size.shape(h, w))
         keep = masks.flatten(1).any(1) if masks.shape[0] else torch.zeros(0, dtype=torch.bool)
         target = {**{k: v[keep] for k, v in target.items() if k != "masks"}, "masks": masks[keep]}
         return color_jitter(img, rng, *self.jitter), target

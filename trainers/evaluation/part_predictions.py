@@ -227,19 +227,21 @@ def score_part_prediction(clustering, recall, record: dict, prediction: dict, gt
 # -- predictions of a registered model on any dataset (selftrain predict) --------------------------------------------
 @torch.no_grad()
 def predict_to_files(model_path, dataset: str, out_dir, instance_teacher=None, batch_size: int = 8, top_k: int | None = None,
-                     object_score_threshold: float = 0.5, max_detections: int = 20) -> dict[str, str]:
+                     object_score_threshold: float = 0.5, max_detections: int = 20, min_size: int | None = None,
+                     max_size: int | None = None) -> dict[str, str]:
     """A model file's predictions on ``dataset`` as the COCO files its evaluating stage writes, by the file's kind:
 
     - a part ranker (``train-ranker``): ``write_part_results`` layout, setting ``gt`` (conditioned on the dataset's
       objects) and, given ``instance_teacher``, ``pred`` (its detections with score > ``object_score_threshold``);
     - a class-agnostic part model (``train-proposals``): ``images.json`` + ``proposals.json`` (its top_k masks);
     - an instance model: ``images.json`` + ``results.json`` (COCO instance results), as evaluate-instances.
-    Returns file name -> path."""
+    ``min_size`` / ``max_size``: the input size the models see (``trainers.data.batches.InputSize``; the masks come
+    back at the dataset's resolution). Returns file name -> path."""
     from pathlib import Path
 
     from contract.io import write_json
     from trainers.data import shards
-    from trainers.data.batches import category_labels, images_to_tensor, iter_batches
+    from trainers.data.batches import AtInputSize, InputSize, category_labels, images_to_tensor, iter_batches
     from trainers.evaluation.instances import coco_results
     from trainers.evaluation.proposals import write_proposal_results
     from trainers.models.io import load_ranker, load_segmenter, read_segmenter_file
@@ -251,6 +253,9 @@ def predict_to_files(model_path, dataset: str, out_dir, instance_teacher=None, b
     labels = {i: c for c, i in category_labels(dataset).items()}
     teacher = load_segmenter(instance_teacher) if instance_teacher else None
     model, lmap = load_ranker(model_path) if kind == "ranker" else (load_segmenter(model_path), None)
+    size = InputSize(min_size, max_size)
+    if size:
+        model, teacher = AtInputSize(model, size), teacher and AtInputSize(teacher, size)
     k = top_k or int(blob["config"].get("top_k") or blob["config"]["decoder"]["num_queries"])
     settings = ["gt"] + (["pred"] if teacher is not None else [])
     images, preds, results = [], {s: [] for s in settings}, []
@@ -299,8 +304,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--instance-teacher", default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--min-size", type=int, default=None, help="Shortest edge the models see (default: as stored).")
+    ap.add_argument("--max-size", type=int, default=None, help="Longest edge the models see at most.")
     a = ap.parse_args(argv)
-    files = predict_to_files(a.model, a.dataset, a.out, a.instance_teacher, a.batch_size, a.top_k)
+    files = predict_to_files(a.model, a.dataset, a.out, a.instance_teacher, a.batch_size, a.top_k,
+                             min_size=a.min_size, max_size=a.max_size)
     print(json.dumps(files))
 
 

@@ -48,7 +48,7 @@ from contract.io import read_json, write_json
 from contract.spec import StageSpec
 from contract.stages import params_of
 from trainers.comm import all_reduce_sum, barrier
-from trainers.data.batches import category_labels
+from trainers.data.batches import at_input_size, category_labels
 from trainers.engine import MetricLogger
 from trainers.inputs import StageInputError, dataset_input, load_model_input
 from trainers.parts.class_clusters import FeatureSpill, cluster_classes, load_class_clusters, spill_counts
@@ -82,7 +82,7 @@ def run(spec: StageSpec):
             logger.advance(n_mine)
         else:
             stats = PixelClusterStats()
-            model = load_model_input(spec, "teacher", d.device)
+            model = at_input_size(load_model_input(spec, "teacher", d.device), p)
             spill = FeatureSpill(spill_dir, writer=str(d.rank))
             spill_pixels(model, sm.images, spill, p, class_of_label, rank=d.rank, world_size=d.world_size,
                          device=d.device, stats=stats, on_batch=logger.advance)
@@ -100,7 +100,7 @@ def run(spec: StageSpec):
         # phase 3: label every pixel of every instance (a map over shards)
         def labeller():
             centroids = {c: torch.from_numpy(load_class_clusters(clusters_dir, c)["centroids"]).float() for c in counts}
-            teacher = model or load_model_input(spec, "teacher", d.device)
+            teacher = model or at_input_size(load_model_input(spec, "teacher", d.device), p)
             return lambda keys, images, records, st: label_pixels(teacher, keys, images, records, centroids, p,
                                                                   class_of_label, st)
 
@@ -138,7 +138,7 @@ def _apply(spec: StageSpec):
     class_of_label = {i: cid for cid, i in category_labels(sm.images).items()}
 
     def labeller(d):
-        teacher = load_model_input(spec, "teacher", d.device)
+        teacher = at_input_size(load_model_input(spec, "teacher", d.device), p)
         return lambda keys, images, records, st: label_pixels(teacher, keys, images, records, centroids, p,
                                                               class_of_label, st)
 

@@ -58,7 +58,7 @@ from contract.spec import StageSpec
 from contract.stages import params_of
 from trainers.comm import Dist, init_distributed
 from trainers.data import shards
-from trainers.data.batches import images_to_tensor, iter_batches
+from trainers.data.batches import at_input_size, images_to_tensor, iter_batches
 from trainers.engine import MetricLogger
 from trainers.evaluation import PartClusteringEvaluator, PartProposalRecall
 from trainers.evaluation.clustering import NONE, paint_label_map
@@ -94,13 +94,14 @@ class _Sources:
             name = "candidate" if "candidate" in spec.inputs.models else "ranker"
             try:
                 self.model, self.label_map = load_ranker(model_input_path(spec, name), device)
+                self.model = at_input_size(self.model, p)  # answers at the eval images' resolution
             except ValueError as e:
                 raise StageInputError(f"inputs.models.{name}: {e}") from e
             if "pred" in p.settings:
                 if "instance_teacher" not in spec.inputs.models:
                     raise StageInputError("evaluate-parts of a model without GT objects (settings: pred) needs "
                                           "inputs.models.instance_teacher; or set params.settings: [gt]")
-                self.teacher = load_model_input(spec, "instance_teacher", device)
+                self.teacher = at_input_size(load_model_input(spec, "instance_teacher", device), p)
         else:
             keys = {key for key, _, _ in shards.iter_samples(eval_path, rank=d.rank, world_size=d.world_size,
                                                              decode=False, allow_parts=True)}

@@ -39,7 +39,7 @@ from contract.spec import StageSpec
 from contract.stages import params_of
 from trainers.comm import init_distributed
 from trainers.data import shards
-from trainers.data.batches import images_to_tensor, iter_batches
+from trainers.data.batches import at_input_size, images_to_tensor, iter_batches
 from trainers.engine import MetricLogger
 from trainers.evaluation import PartProposalRecall, coco_proposal_ar, strip_record
 from trainers.evaluation.baselines import strip_proposals_of_masks
@@ -86,6 +86,7 @@ def run(spec: StageSpec) -> StageResult | None:
         model = load_model_input(spec, "parts" if "parts" in spec.inputs.models else "candidate", device)
     elif source == "strips" and objects == "detected":
         model = load_model_input(spec, "teacher", device)
+    model = at_input_size(model, p)  # predictions come back at the eval images' resolution
     stored = None
     if source == "proposals":
         keys = {key for key, _, _ in shards.iter_samples(eval_path, rank=d.rank, world_size=d.world_size,

@@ -19,7 +19,7 @@ from contract.spec import StageSpec
 from contract.stages import params_of
 from trainers.comm import barrier, init_distributed, on_gpu
 from trainers.data import shards
-from trainers.data.batches import ToTrainSample, category_labels, collate, object_targets
+from trainers.data.batches import InputSize, ToTrainSample, at_input_size, category_labels, collate, object_targets
 from trainers.data.panoptic import entity_record, stuff_categories
 from trainers.data.pseudo_labels import training_targets
 from trainers.engine import fit
@@ -98,7 +98,7 @@ def run(spec: StageSpec) -> StageResult | None:
             targets = training_targets(p.targets, labels, p.class_agnostic)
         build = functools.partial(_initialised, cfg, spec, p) if "init" in spec.inputs.models else lambda: Segmenter(cfg)
         result = fit(spec, p, build_model=build, loss_fn=set_loss,
-                     transform=ToTrainSample(targets, p.flip_prob), collate=collate)
+                     transform=ToTrainSample(targets, p.flip_prob, InputSize.of(p)), collate=collate)
         d, steps, state_dict = result.dist, result.steps, result.state_dict
         train_metrics = {f"train/{k}": v for k, v in result.metrics.items() if k.startswith("loss")}
         holder = [state_dict]
@@ -159,7 +159,7 @@ def _evaluate(spec: StageSpec, p, model, cfg, d, steps: int) -> dict[str, float]
     if len(labels) != cfg.decoder.num_classes:
         log.warning("teacher has %d classes, %s has %d: class-aware AP is not meaningful, see mask_AP_agnostic",
                     cfg.decoder.num_classes, eval_path, len(labels))
-    metrics = evaluate_instances(model, eval_path, d, labels, shards.DatasetIndex.load(eval_path).categories,
+    metrics = evaluate_instances(at_input_size(model, p), eval_path, d, labels, shards.DatasetIndex.load(eval_path).categories,
                                  p.eval_batch_size, desc=f"{spec.name} eval")
     if d.is_main:
         log_metrics(spec, metrics, steps)

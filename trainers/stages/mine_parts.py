@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from contract.spec import StageSpec
 from contract.stages import params_of
+from trainers.data.batches import at_input_size
 from trainers.inputs import load_model_input
 from trainers.parts.mining import MiningStats, mine_batch
 from trainers.shardmap import ShardMap
@@ -26,7 +27,7 @@ def run(spec: StageSpec):
     sm = ShardMap(spec, p, name=spec.name)
 
     def labeller(d):
-        model = load_model_input(spec, "teacher", d.device)
+        model = at_input_size(load_model_input(spec, "teacher", d.device), p)
         return lambda keys, images, records, stats: mine_batch(model, keys, images, records, p, stats)
 
     def metrics(total: MiningStats, wall: float, merged) -> dict[str, float]:

@@ -12,6 +12,7 @@ import torch
 
 from contract.spec import StageSpec
 from contract.stages import params_of
+from trainers.data.batches import at_input_size
 from trainers.inputs import load_model_input
 from trainers.parts.filters import PseudoLabelStats, filter_parts
 from trainers.parts.objects import detected_objects, gt_objects
@@ -24,8 +25,8 @@ def run(spec: StageSpec):
     sm = ShardMap(spec, p, name="pseudo-labels")
 
     def labeller(d):
-        parts = load_model_input(spec, "parts", d.device)
-        teacher = load_model_input(spec, "instance_teacher", d.device) if p.objects == "detected" else None
+        parts = at_input_size(load_model_input(spec, "parts", d.device), p)
+        teacher = at_input_size(load_model_input(spec, "instance_teacher", d.device), p) if p.objects == "detected" else None
 
         def label(keys, images, records, stats: PseudoLabelStats) -> list[list[dict]]:
             with torch.no_grad():

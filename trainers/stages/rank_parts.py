@@ -48,6 +48,7 @@ from contract.spec import StageSpec
 from contract.stages import params_of
 from trainers.comm import all_gather, all_reduce_stats, barrier
 from trainers.data import shards
+from trainers.data.batches import at_input_size
 from trainers.inputs import load_model_input, log_metrics
 from trainers.parts.candidates import (KEY_COLUMNS, RankPartsStats, collect_candidates, labelled_samples,
                                        score_candidates, spill_generation, summarize)
@@ -115,8 +116,8 @@ def _collect(spec: StageSpec, p, sm: ShardMap, work: _Work, fp: str) -> tuple[Ra
         return stats, True, time.perf_counter() - sm.t0
     done_file.unlink(missing_ok=True)
     stats = RankPartsStats()
-    parts = load_model_input(spec, "parts", d.device)
-    teacher = load_model_input(spec, "instance_teacher", d.device) if p.objects == "detected" else None
+    parts = at_input_size(load_model_input(spec, "parts", d.device), p)
+    teacher = at_input_size(load_model_input(spec, "instance_teacher", d.device), p) if p.objects == "detected" else None
     collect_candidates(sm.images, parts, teacher, p, d, work.spill, work.candidates / f"rank-{d.rank}.jsonl", stats)
     write_json(done_file, {"fingerprint": fp, "stats": stats.to_dict()}, indent=None)
     return stats, False, time.perf_counter() - sm.t0

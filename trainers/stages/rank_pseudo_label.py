@@ -14,6 +14,7 @@ import torch
 from contract.io import write_json
 from contract.spec import StageSpec
 from contract.stages import params_of
+from trainers.data.batches import at_input_size
 from trainers.inputs import StageInputError, load_model_input, model_input_path
 from trainers.models.io import load_ranker
 from trainers.parts.candidates import RankPartsStats
@@ -31,11 +32,12 @@ def run(spec: StageSpec):
     sm = ShardMap(spec, p, name="ranked-parts")
     try:
         model, lmap = load_ranker(model_input_path(spec, "ranker"), sm.dist.device)
+        model = at_input_size(model, p)
     except ValueError as e:
         raise StageInputError(f"inputs.models.ranker: {e}") from e
 
     def labeller(d):
-        teacher = load_model_input(spec, "instance_teacher", d.device) if p.objects == "detected" else None
+        teacher = at_input_size(load_model_input(spec, "instance_teacher", d.device), p) if p.objects == "detected" else None
 
         def label(keys, images, records, stats: RankPartsStats) -> list[list[dict]]:
             with torch.no_grad():

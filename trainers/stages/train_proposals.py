@@ -16,7 +16,7 @@ import torch
 
 from contract.spec import StageSpec
 from contract.stages import params_of
-from trainers.data.batches import StrongAugment, ToTrainSample, collate, proposal_targets
+from trainers.data.batches import InputSize, StrongAugment, ToTrainSample, collate, proposal_targets
 from trainers.engine import fit
 from trainers.inputs import StageInputError, dataset_input, load_model_input
 from trainers.models.io import save_segmenter
@@ -56,9 +56,9 @@ def run(spec: StageSpec) -> StageResult | None:
             model.load_state_dict(init_state, strict=False)
         return model
 
-    transform = ToTrainSample(proposal_targets, p.flip_prob) if p.augment == "flip" else \
+    transform = ToTrainSample(proposal_targets, p.flip_prob, InputSize.of(p)) if p.augment == "flip" else \
         StrongAugment(proposal_targets, p.flip_prob, p.crop_scale, brightness=p.color_jitter, contrast=p.color_jitter,
-                      saturation=p.color_jitter)
+                      saturation=p.color_jitter, size=InputSize.of(p))
     result = fit(spec, p, build_model=build_model, loss_fn=set_loss, transform=transform, collate=collate,
                  dataset="proposals")
     if not result.dist.is_main:

@@ -18,7 +18,7 @@ import torch
 
 from contract.spec import StageSpec
 from contract.stages import params_of
-from trainers.data.batches import StrongAugment, ToTrainSample, collate
+from trainers.data.batches import InputSize, StrongAugment, ToTrainSample, collate
 from trainers.engine import fit
 from trainers.inputs import StageInputError, dataset_input, load_model_input, model_input_path
 from trainers.models.io import read_segmenter_file, save_segmenter
@@ -55,9 +55,9 @@ def run(spec: StageSpec) -> StageResult | None:
         return model
 
     targets = RankerTargets(lmap, min_score=p.min_density_score)
-    transform = ToTrainSample(targets, p.flip_prob) if p.augment == "flip" else \
+    transform = ToTrainSample(targets, p.flip_prob, InputSize.of(p)) if p.augment == "flip" else \
         StrongAugment(targets, p.flip_prob, p.crop_scale, brightness=p.color_jitter, contrast=p.color_jitter,
-                      saturation=p.color_jitter)
+                      saturation=p.color_jitter, size=InputSize.of(p))
     result = fit(spec, p, build_model=build_model, loss_fn=set_loss, transform=transform, collate=collate,
                  dataset="ranked_parts")
     if not result.dist.is_main:
