@@ -61,12 +61,18 @@ class Resources(_Strict):
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed config overrides (zero stage, batch, ...).")
 
 
+#: Seconds an MLflow outage may last by default (``tracking.outage_seconds`` of the pipeline config and the stage spec).
+DEFAULT_OUTAGE_SECONDS = 600.0
+
+
 class Tracking(_Strict):
     mlflow_uri: str = Field(default="sqlite:///mlflow.db", description="MLflow tracking URI.")
     experiment: str = Field(default="selftrain", description="MLflow experiment name.")
     parent_run_id: str | None = Field(default=None, description="MLflow run id of the pipeline run.")
     run_id: str | None = Field(default=None, description="MLflow run id of this stage (created by the control plane).")
     dvc_remote: str | None = Field(default=None, description="DVC remote name or URL datasets are pushed to.")
+    outage_seconds: float = Field(default=DEFAULT_OUTAGE_SECONDS, gt=0, allow_inf_nan=False,
+                                  description="How long an MLflow outage may last before the stage fails (metrics held, bookkeeping retried meanwhile; docs/faults.md).")
 
 
 class Promotion(_Strict):

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_valid
 from contract import stages as registry
 from contract.io import deep_merge as _merge
 from contract.spec import (
+    DEFAULT_OUTAGE_SECONDS,
     DatasetRef,
     Inputs,
     ModelRef,
@@ -79,6 +80,9 @@ class TrackingConfig(_Strict):
     uri: str | None = Field(default=None, description="MLflow tracking URI; default: SQLite store in the workspace (sqlite:///<mlflow>/mlflow.db).")
     experiment: str = Field(default="selftrain", description="MLflow experiment that holds the pipeline runs.")
     artifact_location: str | None = Field(default=None, description="Artifact root for a new experiment; default <mlflow>/artifacts with the SQLite store, the server's default otherwise.")
+    outage_seconds: float = Field(default=DEFAULT_OUTAGE_SECONDS, gt=0, allow_inf_nan=False,
+                                  description="How long an MLflow outage may last (s): meanwhile a stage holds its metrics and the driver and "
+                                              "stage jobs retry their bookkeeping; past it they fail naming the server (docs/faults.md).")
 
 
 class StagePlacement(_Strict):
@@ -302,7 +306,8 @@ class PipelineConfig(_Strict):
             ),
             params=dict(params or {}),
             resources=Resources.model_validate(res),
-            tracking=Tracking(mlflow_uri=self.tracking_uri(), experiment=self.tracking.experiment, dvc_remote=self.paths.dvc_remote),
+            tracking=Tracking(mlflow_uri=self.tracking_uri(), experiment=self.tracking.experiment, dvc_remote=self.paths.dvc_remote,
+                              outage_seconds=self.tracking.outage_seconds),
             promotion=promotion,
         )
 

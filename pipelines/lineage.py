@@ -27,8 +27,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from contract.models import model_version, resolve_model  # noqa: F401  (re-exported for the control plane)
-from contract.spec import Promotion, StageSpec
-from contract.tracking import OUTAGE_ENV, outage_limit  # noqa: F401  (one setting for both planes)
+from contract.spec import DEFAULT_OUTAGE_SECONDS, Promotion, StageSpec
 from pipelines.config import PromotionPolicy
 
 T = TypeVar("T")
@@ -57,8 +56,10 @@ class TrackingUnavailable(RuntimeError):
 class Lineage:
     """MLflow bookkeeping of pipeline runs (one instance per tracking URI and experiment)."""
 
-    def __init__(self, tracking_uri: str, experiment: str = "selftrain", artifact_location: str | None = None):
+    def __init__(self, tracking_uri: str, experiment: str = "selftrain", artifact_location: str | None = None,
+                 outage_seconds: float = DEFAULT_OUTAGE_SECONDS):
         self.tracking_uri = tracking_uri
+        self.outage_seconds = outage_seconds  # how long bookkeeping waits out an outage (tracking.outage_seconds)
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -80,14 +81,15 @@ class Lineage:
         except OSError:
             return False
 
-    def retry(self, what: str, fn: Callable[[], T], echo: Callable[[str], None] = print, limit: float | None = None) -> T:
-        """``fn()``, done again while the tracking server is unreachable, for at most the outage limit.
+    def retry(self, what: str, fn: Callable[[], T], echo: Callable[[str], None] = print) -> T:
+        """``fn()``, done again while the tracking server is unreachable, for at most ``outage_seconds`` (the pipeline
+        config's and stage spec's ``tracking.outage_seconds``).
 
         ``fn`` must be safe to repeat (every bookkeeping step here is: tags and params are set again, a model version
         is registered once per run). An error while the server answers is raised at once; an outage longer than the
         limit raises TrackingUnavailable naming the server, what was not done and how long it waited.
         """
-        limit = outage_limit() if limit is None else limit
+        limit = self.outage_seconds
         start = time.monotonic()
         while True:
             try:
@@ -98,7 +100,7 @@ class Lineage:
                 waited = time.monotonic() - start
                 if waited >= limit:
                     raise TrackingUnavailable(f"MLflow at {self.tracking_uri} unreachable for {waited:.0f} s (limit {limit:g} s, "
-                                              f"{OUTAGE_ENV}): {what} not done ({type(e).__name__}: {str(e)[:300]})") from e
+                                              f"tracking.outage_seconds): {what} not done ({type(e).__name__}: {str(e)[:300]})") from e
                 echo(f"MLflow at {self.tracking_uri} is unreachable; {what} waits for it ({waited:.0f} of {limit:g} s)")
                 while not self.reachable() and time.monotonic() - start < limit:
                     time.sleep(1.0)

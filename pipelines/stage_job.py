@@ -173,7 +173,8 @@ def open_lineage(spec: StageSpec):
     from pipelines.lineage import Lineage
 
     try:
-        return Lineage(spec.tracking.mlflow_uri, spec.tracking.experiment, default_artifact_location(spec.tracking.mlflow_uri))
+        return Lineage(spec.tracking.mlflow_uri, spec.tracking.experiment, default_artifact_location(spec.tracking.mlflow_uri),
+                       spec.tracking.outage_seconds)
     except Exception as e:  # noqa: BLE001 - unreachable server, bad URI: say where
         raise StageJobError(f"stage {spec.name}: MLflow at {spec.tracking.mlflow_uri} is not reachable from this job: "
                             f"{type(e).__name__}: {e}") from e

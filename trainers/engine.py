@@ -138,7 +138,7 @@ class MetricLogger:
         if self.run_id is not None:  # buffered: an MLflow outage within the limit delays metrics, never loses them
             from trainers.inputs import MetricBuffer
 
-            self.client = MetricBuffer(spec.tracking.mlflow_uri, self.run_id)
+            self.client = MetricBuffer(spec.tracking.mlflow_uri, self.run_id, spec.tracking.outage_seconds)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.bar is not None:

@@ -80,22 +80,9 @@ def log_metrics(spec: StageSpec, metrics: dict[str, float], step: int = 0) -> No
     """
     if spec.tracking.run_id is None or not metrics:
         return
-    buffer = MetricBuffer(spec.tracking.mlflow_uri, spec.tracking.run_id)
+    buffer = MetricBuffer(spec.tracking.mlflow_uri, spec.tracking.run_id, spec.tracking.outage_seconds)
     buffer.log(metrics, step)
     buffer.close()
-
-
-from contract.tracking import OUTAGE_ENV  # noqa: E402  (one setting for both planes, docs/faults.md)
-
-
-def outage_limit() -> float:
-    """``contract.tracking.outage_limit`` with a bad value as a StageInputError (the stage's input error)."""
-    from contract import tracking
-
-    try:
-        return tracking.outage_limit()
-    except ValueError as e:
-        raise StageInputError(str(e)) from None
 
 
 class MlflowOutage(RuntimeError):
@@ -105,19 +92,20 @@ class MlflowOutage(RuntimeError):
 class MetricBuffer:
     """Metrics on their way to one MLflow run: queued by the training loop (which never waits on the server), sent in
     order by a background thread, kept and re-sent while the server is unreachable. Metrics waiting longer than
-    :func:`outage_limit` fail the stage, naming the server and how many are held; :meth:`close` waits for the rest."""
+    ``limit`` seconds (the spec's ``tracking.outage_seconds``) fail the stage, naming the server and how many are held;
+    :meth:`close` waits for the rest."""
 
     BATCH = 1000  # MLflow's log_batch limit on metrics per request
     REFUSED = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST")
 
-    def __init__(self, tracking_uri: str, run_id: str, limit: float | None = None):
+    def __init__(self, tracking_uri: str, run_id: str, limit: float):
         import threading
         from collections import deque
 
         from mlflow.tracking import MlflowClient
 
         self.uri, self.run_id = tracking_uri, run_id
-        self.limit = outage_limit() if limit is None else limit
+        self.limit = limit
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.pending: deque = deque()  # (queued at, Metric)
         self.error: BaseException | None = None  # the last failed send, while an outage lasts
@@ -150,7 +138,7 @@ class MetricBuffer:
         if self.pending and now - self.pending[0][0] > self.limit:
             raise MlflowOutage(
                 f"MLflow at {self.uri} has not taken metrics of run {self.run_id} for {now - self.pending[0][0]:.0f} s "
-                f"(limit {self.limit:g} s, {OUTAGE_ENV}); {len(self.pending)} metric value(s) held, {self.sent} sent; "
+                f"(limit {self.limit:g} s, tracking.outage_seconds); {len(self.pending)} metric value(s) held, {self.sent} sent; "
                 f"last error: {type(self.error).__name__}: {str(self.error)[:500]}")
 
     def _send(self) -> None:

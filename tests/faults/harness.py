@@ -77,9 +77,13 @@ class World:
             tiny_segmenter_file(self.teacher)
 
     # -- specs --------------------------------------------------------------------------------------
-    def train_spec(self, workdir: Path, mlflow: str | None = None, run_id: str | None = None, **params):
+    def train_spec(self, workdir: Path, mlflow: str | None = None, run_id: str | None = None,
+                   outage_seconds: float | None = None, **params):
         kw = {"mlflow_uri": mlflow, "run_id": run_id} if mlflow else {}
-        return make_spec(workdir, {"train": self.train}, params={**TRAIN_PARAMS, **params}, deepspeed=ZERO2, **kw)
+        spec = make_spec(workdir, {"train": self.train}, params={**TRAIN_PARAMS, **params}, deepspeed=ZERO2, **kw)
+        if outage_seconds is not None:  # the pipeline config's tracking.outage_seconds, as the driver passes it on
+            spec.tracking.outage_seconds = outage_seconds
+        return spec
 
     def mine_spec(self, workdir: Path, out: Path):
         return stage_spec("mine-parts", workdir, datasets={"images": self.images}, models={"teacher": self.teacher},
@@ -130,6 +134,16 @@ def run_ok(spec) -> subprocess.CompletedProcess:
     if res.returncode != 0:
         raise AssertionError(f"stage failed ({res.returncode}):\n{res.stderr[-6000:]}")
     return res
+
+
+ERROR_LINE = re.compile(r"^(\[rank\d+\]:)?\s*([\w.]+\.)?\w*(Error|Exception|Outage|Unavailable)\b.*")
+
+
+def why(stderr: str) -> str:
+    """Why a stage failed: the ranks' own error lines (not torchrun's ChildFailedError summary), then the output's tail."""
+    errors = list(dict.fromkeys(m.group(0).strip() for m in map(ERROR_LINE.match, stderr.splitlines())
+                                if m and "ChildFailedError" not in m.group(0)))
+    return f"{' / '.join(errors[:4])[:1500]} | tail: {stderr[-1000:]}"
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -247,7 +261,7 @@ def trial_kill_training(world: World, rng: random.Random, tmp: Path) -> Trial:
     reached = max(done, default=0)  # the last step that completed before the kill
     again = run(spec)
     if again.returncode != 0:
-        return Trial("kill rank: training", False, 0, f"rerun failed: {again.stderr[-2000:]}")
+        return Trial("kill rank: training", False, 0, f"rerun failed: {why(again.stderr)}")
     resumed = resumed_step(again.stderr)
     lost_steps = max(0, reached - resumed - TRAIN_PARAMS["checkpoint_every"])
     result = json.loads((work / "result.json").read_text())
@@ -292,7 +306,7 @@ def trial_kill_shardmap(world: World, rng: random.Random, tmp: Path) -> Trial:
     damage = visible_damage(out)
     again = run(spec)
     if again.returncode != 0:
-        return Trial("kill rank: shard map", False, len(damage), f"rerun failed: {again.stderr[-2000:]}")
+        return Trial("kill rank: shard map", False, len(damage), f"rerun failed: {why(again.stderr)}")
     want, got = dataset_files(ref), dataset_files(out)
     differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     strays = [p.name for p in out.rglob("*") if p.is_file() and p.name.startswith(".")]
@@ -357,7 +371,7 @@ def trial_disk_full_checkpoint(world: World, rng: random.Random, tmp: Path) -> T
         filler.unlink()
         again = run(spec)
         if again.returncode != 0:
-            return Trial("disk full: checkpoints", False, 0, f"rerun failed: {again.stderr[-2000:]}")
+            return Trial("disk full: checkpoints", False, 0, f"rerun failed: {why(again.stderr)}")
         differ = weights_differ(work / "model.pt", ref / "model.pt")
         err = next((line for line in first.stderr.splitlines() if "CheckpointError:" in line), "")
         return Trial("disk full: checkpoints", named, len(partial) + len(half) + len(differ),
@@ -383,7 +397,7 @@ def trial_disk_full_shards(world: World, rng: random.Random, tmp: Path) -> Trial
         filler.unlink()
         again = run(spec)
         if again.returncode != 0:
-            return Trial("disk full: shards", False, len(damage), f"rerun failed: {again.stderr[-2000:]}")
+            return Trial("disk full: shards", False, len(damage), f"rerun failed: {why(again.stderr)}")
         want, got = dataset_files(ref), dataset_files(out)
         differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         err = next((line for line in first.stderr.splitlines() if "Error:" in line and "disk full" in line),
@@ -416,7 +430,7 @@ def trial_bad_checkpoint(world: World, rng: random.Random, tmp: Path) -> Trial:
     (work / "model.pt").unlink()
     again = run(world.train_spec(work))
     if again.returncode != 0:
-        return Trial("corrupt checkpoint", False, 0, f"{mode} {victim.name}: rerun failed: {again.stderr[-2000:]}")
+        return Trial("corrupt checkpoint", False, 0, f"{mode} {victim.name}: rerun failed: {why(again.stderr)}")
     said = "falling back" in again.stderr
     resumed = resumed_step(again.stderr)
     differ = weights_differ(work / "model.pt", ref / "model.pt")
@@ -447,7 +461,7 @@ def trial_nonfinite_loss(world: World, rng: random.Random, tmp: Path, mode: str 
         return Trial("non-finite loss", named, len(later), f"{what}: stopped with a named step: {named}; "
                      f"checkpoints at or after it: {later}")
     if res.returncode != 0:
-        return Trial("non-finite loss", False, 0, f"{what}: failed: {res.stderr[-2000:]}")
+        return Trial("non-finite loss", False, 0, f"{what}: failed: {why(res.stderr)}")
     out = json.loads((work / "nan_result.json").read_text())
     ok = out["finite"] and out["steps"] == TRAIN_PARAMS["steps"] and "skipped" in res.stderr
     return Trial("non-finite loss", ok, 0 if out["finite"] else 1, f"{what}: finished {out}")
@@ -672,9 +686,9 @@ def trial_mlflow_outage(world: World, rng: random.Random, tmp: Path, outage: flo
         version = str(lineage.register_model(run_id, "outage-model", tmp / "model.json").version)
         lineage.record_evaluation("outage-model", version, {"miou": 0.5}, True, run_id=run_id)
         work = tmp / "work"
-        spec = world.train_spec(work, mlflow=server.url, run_id=run_id)
+        spec = world.train_spec(work, mlflow=server.url, run_id=run_id, outage_seconds=300)
         target = rng.choice([0, rng.randint(0, steps - every)])  # 0: as the loop starts (24 steps take a few seconds)
-        proc = launch(spec, env={"SELFTRAIN_MLFLOW_OUTAGE_SECONDS": "300"})
+        proc = launch(spec)
         try:
             wait_for(lambda: (work / "engine.json").exists() and (target == 0 or any(
                 int(p.name[4:]) >= target for p in (work / "checkpoints").glob("step*"))), proc, 300, poll=0.01)
@@ -702,7 +716,7 @@ def trial_mlflow_outage(world: World, rng: random.Random, tmp: Path, outage: flo
         together = mv.version == version and mv.tags.get("promotion.teacher.decision") == "promoted" and decisions[0].promoted
     what = f"server killed at step ~{killed_at} ({before} of {steps} steps' metrics sent), down {outage:.1f} s"
     if proc.returncode != 0:
-        return Trial("mlflow outage", False, len(missing), f"{what}: the stage failed ({proc.returncode}): {err[-3000:]}")
+        return Trial("mlflow outage", False, len(missing), f"{what}: the stage failed ({proc.returncode}): {why(err)}")
     differ = weights_differ(work / "model.pt", ref / "model.pt")
     ok = refused and not changed and together
     return Trial("mlflow outage", bool(ok), len(missing) + len(differ) + len(changed or []),
