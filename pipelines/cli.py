@@ -373,15 +373,18 @@ app.add_typer(purity_app, name="purity")
 
 @purity_app.command("grids")
 def purity_grids(
-    labels: Path = typer.Argument(..., help="Labels dataset: proposals with cluster ids (rank-parts, cluster-pixels, or a part model's predictions)."),
+    labels: Path = typer.Argument(..., help="Labels dataset (proposals with cluster ids: rank-parts, cluster-pixels) or a predictions folder (evaluate-parts' output, selftrain predict of a part ranker)."),
     output: Path = typer.Option(..., "--out", "-o", help="Folder for the grids, index.html and ratings-template.csv."),
     max_classes: Optional[int] = typer.Option(None, "--max-classes", help="Rate a seeded random subset of this many object classes."),
     seed: int = typer.Option(0, help="Seed of the instance and class sampling."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="With a predictions folder: the dataset it was predicted on (its images)."),
+    setting: str = typer.Option("gt", "--setting", help="With a predictions folder: gt (conditioned on the dataset's objects) or pred (on detections)."),
+    max_part_fraction: Optional[float] = typer.Option(0.5, "--max-part-fraction", help="Leave out parts larger than this share of their object (sec. 5.4: 0.5)."),
 ) -> None:
     """Write a 3x3 purity grid per (object class, part cluster) and an HTML page to browse and rate them."""
     from pipelines import purity
 
-    page = _guard(purity.grids, labels, output, max_classes, seed)
+    page = _guard(purity.grids, labels, output, max_classes, seed, dataset, setting, max_part_fraction)
     out.print(f"wrote {page}")
 
 

@@ -104,10 +104,10 @@ def selection_metric(cfg: PartDistillationConfig, model: str, split: str) -> str
     return sel.label_free_proposals_metric if model == PART_PROPOSALS else sel.label_free_ranker_metric
 
 
-def final_part_labels(cfg: PartDistillationConfig, run: str) -> str:
-    """The pseudo-label dataset the last final-self-training round learned from (the purity grids draw from it)."""
-    rounds = cfg.partdistillation.ranking.rounds
-    return _out(cfg, run, f"ranked-r{rounds - 1}" if rounds > 1 else "ranked-parts")
+def predictions_dir(cfg: PartDistillationConfig, run: str, stage: str) -> str:
+    """The predictions folder (COCO results files) an evaluating stage of a run writes (the purity grids of the final
+    model draw from its ``ranker_evaluate(r)``'s)."""
+    return _out(cfg, run, f"predictions-{stage}")
 
 
 def _out(cfg: PipelineConfig, run: str, name: str) -> str:

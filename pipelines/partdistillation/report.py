@@ -8,7 +8,7 @@ from typing import Any
 
 from contract.io import atomic_open
 from pipelines.partdistillation import graph
-from pipelines.partdistillation.config import PartDistillationConfig
+from pipelines.partdistillation.config import PART_RANKER, PartDistillationConfig
 
 PART_METRICS = ("nmi", "ari", "miou", "miou_hungarian")
 
@@ -83,20 +83,9 @@ def selection_table(outcomes: list[Any], cfg: PartDistillationConfig) -> tuple[l
     round each criterion selects under the promotion rule (a round takes the alias when it beats the holder by more
     than promotion.min_delta), plus the reported eval metric. Returns (rows, one summary line per model line)."""
     by_name = {o.name: o for o in outcomes}
-    pol = cfg.promotion
     rows, summary = [], []
     for line, model, rounds, name_of in graph.selection_rounds(cfg):
-        picks = {}
-        for split in graph.selection_splits(cfg):
-            metric, holder, best = graph.selection_metric(cfg, model, split), None, None
-            for r in range(1, rounds + 1):
-                v = _metrics(by_name, name_of(r, split)).get(metric)
-                if v is None:
-                    continue
-                gain = None if best is None else (v - best if pol.direction == "max" else best - v)
-                if gain is None or gain > pol.min_delta:
-                    holder, best = r, v
-            picks[split] = holder
+        picks = {split: picked_round(by_name, cfg, model, rounds, name_of, split) for split in graph.selection_splits(cfg)}
         reported = graph.selection_metric(cfg, model, "val")
         for r in range(1, rounds + 1):
             row = {"model": line, "round": r, "eval": _metrics(by_name, name_of(r)).get(reported, float("nan"))}
@@ -110,6 +99,22 @@ def selection_table(outcomes: list[Any], cfg: PartDistillationConfig) -> tuple[l
             (split, r), = picks.items()
             summary.append(f"{line}: {'val' if split == 'val' else 'label-free'} picks round {r}")
     return rows, summary
+
+
+def picked_round(by_name: dict[str, Any], cfg: PartDistillationConfig, model: str, rounds: int, name_of,
+                 split: str) -> int | None:
+    """The round of ``model`` the selection evaluations on ``split`` pick under the promotion rule (a round takes the
+    alias when it beats the holder by more than promotion.min_delta); None when none was measured."""
+    pol, metric = cfg.promotion, graph.selection_metric(cfg, model, split)
+    holder, best = None, None
+    for r in range(1, rounds + 1):
+        v = _metrics(by_name, name_of(r, split)).get(metric)
+        if v is None:
+            continue
+        gain = None if best is None else (v - best if pol.direction == "max" else best - v)
+        if gain is None or gain > pol.min_delta:
+            holder, best = r, v
+    return holder
 
 
 def format_selection(rows: list[dict], cfg: PartDistillationConfig) -> str:
@@ -168,6 +173,24 @@ def _metric_name(label: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.-]+", "_", label.replace(",", "").replace("(", "").replace(")", "")).strip("_")
 
 
+def purity_grids(cfg: PartDistillationConfig, result: Any, out_dir: Path) -> tuple[Path, int] | None:
+    """Purity grids (sec. 5.2) of the final model -- the ranker round the selection criterion picks (the last round when
+    none was measured) -- drawn from its predictions on the held-out eval images with GT objects (its ``f<r>-evaluate``
+    predictions folder), parts over half their object left out (sec. 5.4); (index.html, round), or None when that
+    evaluation did not succeed."""
+    from pipelines import purity
+
+    pd = cfg.partdistillation
+    by_name = {o.name: o for o in result.stages}
+    r = picked_round(by_name, cfg, PART_RANKER, pd.ranking.rounds, graph.ranker_evaluate,
+                     graph.selection_splits(cfg)[0]) or pd.ranking.rounds
+    stage = graph.ranker_evaluate(r)
+    folder = Path(graph.predictions_dir(cfg, result.run, stage))
+    if not _metrics(by_name, stage) or not (folder / "images.json").is_file():
+        return None
+    return purity.grids(folder, out_dir, dataset=Path(cfg.paths.data) / pd.eval, setting="gt"), r
+
+
 def write_report(cfg: PartDistillationConfig, result: Any, lineage: Any) -> str:
     pd = cfg.partdistillation
     run_dir = cfg.run_dir(result.run)
@@ -198,14 +221,11 @@ def write_report(cfg: PartDistillationConfig, result: Any, lineage: Any) -> str:
                 lineage.client.log_metric(result.mlflow_run_id, key, v)
     lines = [text, "", f"plot: {png}"]
     if pd.ranking.enabled and pd.ranking.purity_grids:
-        from pipelines import purity
-
-        last = {o.name: o for o in result.stages}
-        labels = Path(graph.final_part_labels(cfg, result.run))
-        if graph.RANK_PARTS in last and labels.is_dir():
-            index = purity.grids(labels, report_dir / "purity")
+        grids = purity_grids(cfg, result, report_dir / "purity")
+        if grids is not None:
             lineage.client.log_artifacts(result.mlflow_run_id, str(report_dir / "purity"), "purity")
-            lines.append(f"purity grids: {index}  (rate them, then: selftrain purity curve <ratings.csv> -o curve.png)")
+            lines.append(f"purity grids of the final model (round {grids[1]}, eval split, GT objects): {grids[0]}  "
+                         "(rate them, then: selftrain purity curve <ratings.csv> -o curve.png)")
     lines.append(f"report folder: {report_dir}")
     (report_dir / "summary.json").write_text(json.dumps({"run": result.run, "mlflow_run_id": result.mlflow_run_id,
                                                         "selection": srows, "selection_summary": summary}, indent=2))

@@ -7,7 +7,14 @@ rate each grid 3..9, the number of tiles in which the mask consistently covers t
 
 A labels dataset is any dataset whose records carry ``proposals`` with a cluster id (``label``) and an
 object class (``category_id``, else the class of the record object ``object_id`` names): the output of
-``rank-parts`` or ``cluster-pixels``, or a part model's predictions on the evaluation images.
+``rank-parts`` or ``cluster-pixels``. A **predictions folder** (``evaluate-parts``' output dataset, or ``selftrain
+predict`` of a part ranker) gives the grids of a trained model on held-out images: its segments (one per object and
+part cluster) of a setting, the images and (setting ``gt``) the objects read from the dataset it was predicted on
+(:func:`prediction_parts`, :func:`make_prediction_purity_grids`).
+
+The paper's filter (sec. 5.4: "We remove part masks whose area exceed 50% of the object area"): a part larger than
+``max_part_fraction`` of its object is left out (counted on the index page); None (the library's default) keeps
+every part; ``selftrain purity grids`` and the pipeline report apply :data:`MAX_PART_FRACTION` (0.5).
 
 Ratings file (CSV, one header line, ``#`` comments and blank lines allowed)::
 
@@ -27,7 +34,7 @@ import html
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -35,7 +42,7 @@ from scipy.ndimage import binary_erosion
 
 from contract.io import write_atomic
 from trainers.data import shards
-from trainers.structures import decode_mask
+from trainers.structures import decode_mask, mask_area
 
 GRID = 3                  # a purity grid is GRID x GRID tiles (sec. 5.2: 3x3)
 TILES = GRID * GRID
@@ -48,6 +55,7 @@ CONTEXT = 0.1             # the object crop is the object's box grown by this fr
 RATINGS = range(3, 10)    # the rating scale of sec. 5.2
 RATINGS_HEADER = ["object_class", "cluster", "rating"]
 INDEX_FILE = "index.html"
+MAX_PART_FRACTION = 0.5   # sec. 5.4: parts larger than this share of their object are left out of the grids
 TEMPLATE_FILE = "ratings-template.csv"
 
 
@@ -83,19 +91,86 @@ def proposal_class(proposal: dict, record: dict) -> int | None:
     return None
 
 
-def sample_part_clusters(labels_dataset_dir: str | Path, seed: int = 0,
-                         per_cluster: int = TILES) -> tuple[dict[tuple[int, int], PartCluster], int]:
-    """One streaming pass over a labels dataset: every (class, cluster) with its counts and a uniform sample of
-    ``per_cluster`` instances (reservoir sampling, seeded; images are not decoded). Also returns the number of
-    proposals left out (no cluster id, or no object class)."""
+Parts = Iterable[tuple[str, dict]]  # (sample key, record with ``proposals`` and ``objects``)
+
+
+def dataset_parts(labels_dataset_dir: str | Path) -> Iterator[tuple[str, dict]]:
+    """(key, record) of every sample of a labels dataset (images not decoded)."""
+    for key, _, record in shards.iter_samples(labels_dataset_dir, decode=False, allow_parts=True):
+        yield key, record
+
+
+def prediction_parts(predictions_dir: str | Path, dataset_dir: str | Path, setting: str = "gt") -> dict[str, dict]:
+    """A predictions folder (``images.json`` + ``results-<setting>.json``, as evaluate-parts writes) as labelled records
+    by dataset key: ``proposals`` = its segments (``label`` the cluster, ``category_id`` the object class, ``object_id``
+    the index of the object it belongs to, ``area``), ``objects`` = the objects those indices name (ids 0..J-1): the
+    dataset record's (setting ``gt``) or ``objects-<setting>.json``'s (the detections a ``pred`` prediction was
+    conditioned on). A setting the folder lacks, or an image of it the dataset lacks, is an error naming the file."""
+    import json
+
+    folder = Path(predictions_dir)
+    try:
+        doc = json.loads((folder / "images.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: not a predictions folder (no images.json)") from None
+    if setting not in doc.get("settings", []):
+        raise ValueError(f"{folder / 'images.json'}: no setting {setting!r} (it has {doc.get('settings')})")
+    key_of = {im["id"]: im["file_name"] for im in doc["images"]}
+    records: dict[str, dict] = {key: {"objects": [], "proposals": []} for key in key_of.values()}
+    objects_file = folder / f"objects-{setting}.json"
+    if setting != "gt" and objects_file.is_file():
+        for o in json.loads(objects_file.read_text()):
+            objs = records[key_of[o["image_id"]]]["objects"]
+            objs.append({"id": len(objs), "category_id": int(o["category_id"]), "segmentation": o["segmentation"]})
+    for n, r in enumerate(json.loads((folder / f"results-{setting}.json").read_text())):
+        if r.get("image_id") not in key_of:
+            raise ValueError(f"{folder}/results-{setting}.json: entry {n} has image_id {r.get('image_id')!r}, not in images.json")
+        records[key_of[r["image_id"]]]["proposals"].append({
+            "label": int(r["cluster"]), "category_id": int(r["object_class"]), "segmentation": r["segmentation"],
+            "object_id": int(r["object"]) if int(r.get("object", -1)) >= 0 else None, "area": mask_area(r["segmentation"])})
+    if setting == "gt":
+        seen = 0
+        for key, record in dataset_parts(dataset_dir):
+            if key in records:
+                seen += 1
+                records[key]["objects"] = [{**o, "id": j} for j, o in enumerate(record.get("objects", []))]
+        if seen != len(records):
+            raise ValueError(f"{folder}: {len(records) - seen} of its images are not in {dataset_dir}")
+    return records
+
+
+def too_large(proposal: dict, record: dict, max_part_fraction: float | None) -> bool:
+    """The part covers more than ``max_part_fraction`` of the record object it belongs to (sec. 5.4's filter); False
+    when the filter is off or the object is unknown."""
+    if max_part_fraction is None or proposal.get("object_id") is None:
+        return False
+    for obj in record.get("objects", []):
+        if obj.get("id") == proposal["object_id"]:
+            area = proposal.get("area") or mask_area(proposal["segmentation"])
+            return area > max_part_fraction * mask_area(obj["segmentation"])
+    return False
+
+
+def sample_part_clusters(labels: str | Path | Parts, seed: int = 0, per_cluster: int = TILES,
+                         max_part_fraction: float | None = None,
+                         left_out: dict[str, int] | None = None) -> tuple[dict[tuple[int, int], PartCluster], int]:
+    """One streaming pass over a labels dataset (a path) or (key, record) pairs: every (class, cluster) with its counts
+    and a uniform sample of ``per_cluster`` instances (reservoir sampling, seeded; images are not decoded). Also returns
+    the number of proposals left out: no cluster id or no object class (``left_out["unlabelled"]``), larger than
+    ``max_part_fraction`` of their object (``left_out["too_large"]``)."""
     rng = np.random.default_rng(seed)
     clusters: dict[tuple[int, int], PartCluster] = {}
-    unusable = 0
-    for key, _, record in shards.iter_samples(labels_dataset_dir, decode=False, allow_parts=True):
+    counts = {"unlabelled": 0, "too_large": 0} if left_out is None else left_out
+    counts.setdefault("unlabelled", 0)
+    counts.setdefault("too_large", 0)
+    for key, record in (dataset_parts(labels) if isinstance(labels, (str, Path)) else labels):
         for i, p in enumerate(record.get("proposals", [])):
             label, cls = p.get("label"), proposal_class(p, record)
             if label is None or int(label) < 0 or cls is None:
-                unusable += 1
+                counts["unlabelled"] += 1
+                continue
+            if too_large(p, record, max_part_fraction):
+                counts["too_large"] += 1
                 continue
             c = clusters.setdefault((cls, int(label)), PartCluster(cls, int(label)))
             c.instances += 1
@@ -106,7 +181,7 @@ def sample_part_clusters(labels_dataset_dir: str | Path, seed: int = 0,
                 j = int(rng.integers(c.instances))
                 if j < per_cluster:
                     c.picks[j] = (key, i)
-    return clusters, unusable
+    return clusters, counts["unlabelled"] + counts["too_large"]
 
 
 # -- drawing ----------------------------------------------------------------------------------
@@ -171,17 +246,36 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 def make_purity_grids(labels_dataset_dir: str | Path, out_dir: str | Path, max_classes: int | None = None,
-                      seed: int = 0) -> Path:
+                      seed: int = 0, max_part_fraction: float | None = None) -> Path:
     """Write one purity grid PNG per (object class, part cluster) of a labels dataset, ``index.html`` to browse
     them and ``ratings-template.csv`` to rate them (sec. 5.2); returns the ``index.html`` path.
 
-    Two streaming passes: sample nine instances per cluster, then draw the sampled ones. ``max_classes`` keeps
+    Streaming passes: sample nine instances per cluster, then draw the sampled ones. ``max_classes`` keeps
     a seeded random subset of the object classes (the paper rates 100 sampled classes).
     """
+    return _write_grids(lambda: dataset_parts(labels_dataset_dir), labels_dataset_dir, out_dir, max_classes, seed,
+                        max_part_fraction, f"labels dataset <code>{html.escape(str(labels_dataset_dir))}</code>")
+
+
+def make_prediction_purity_grids(predictions_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path,
+                                 setting: str = "gt", max_classes: int | None = None, seed: int = 0,
+                                 max_part_fraction: float | None = None) -> Path:
+    """The purity grids of a model's predictions on held-out images (:func:`prediction_parts` of a predictions folder
+    and the dataset it was predicted on), as :func:`make_purity_grids` writes them; returns ``index.html``."""
+    records = prediction_parts(predictions_dir, dataset_dir, setting)  # the evaluation split's: held in memory
+    what = (f"predictions <code>{html.escape(str(predictions_dir))}</code> (setting {html.escape(setting)}) on "
+            f"<code>{html.escape(str(dataset_dir))}</code>")
+    return _write_grids(lambda: iter(records.items()), dataset_dir, out_dir, max_classes, seed, max_part_fraction, what)
+
+
+def _write_grids(parts: Callable[[], Parts], images_dir: str | Path, out_dir: str | Path, max_classes: int | None,
+                 seed: int, max_part_fraction: float | None, source: str) -> Path:
+    """Sample (one pass over ``parts()``), keep the sampled records (a second pass), draw them on the images of
+    ``images_dir`` (decoded only for the sampled keys), then the index page and the ratings template."""
     out = Path(out_dir)
-    index = shards.DatasetIndex.load(labels_dataset_dir)
-    names = {int(c["id"]): str(c["name"]) for c in index.categories}
-    clusters, unusable = sample_part_clusters(labels_dataset_dir, seed=seed)
+    names = {int(c["id"]): str(c["name"]) for c in shards.DatasetIndex.load(images_dir).categories}
+    left_out: dict[str, int] = {}
+    clusters, _ = sample_part_clusters(parts(), seed=seed, max_part_fraction=max_part_fraction, left_out=left_out)
     classes = sorted({c for c, _ in clusters})
     if max_classes is not None and len(classes) > max_classes:
         keep = np.random.default_rng(seed).choice(len(classes), size=max(0, int(max_classes)), replace=False)
@@ -193,12 +287,13 @@ def make_purity_grids(labels_dataset_dir: str | Path, out_dir: str | Path, max_c
     for c in chosen:
         for slot, (key, i) in enumerate(c.picks):
             wanted.setdefault(key, []).append((c, i, slot))
+    records = {key: record for key, record in parts() if key in wanted}
     tiles: dict[tuple[int, int], list[Image.Image | None]] = {(c.object_class, c.cluster): [None] * len(c.picks)
                                                              for c in chosen}
-    for key, raw, record in shards.iter_samples(labels_dataset_dir, decode=False, allow_parts=True):
+    for key, raw, _ in shards.iter_samples(images_dir, decode=False, allow_parts=True):
         if key not in wanted:
             continue
-        image = shards.decode_image(raw, key=key)
+        image, record = shards.decode_image(raw, key=key), records[key]
         objects = {o.get("id"): o for o in record.get("objects", []) if o.get("id") is not None}
         for c, i, slot in wanted[key]:
             p = record["proposals"][i]
@@ -213,11 +308,12 @@ def make_purity_grids(labels_dataset_dir: str | Path, out_dir: str | Path, max_c
         write_atomic(out / c.grid_name, _png_bytes(purity_grid(drawn, title, subtitle)))
     template = "".join(f"{c.object_class},{c.cluster},\n" for c in chosen)
     write_atomic(out / TEMPLATE_FILE, (",".join(RATINGS_HEADER) + "\n" + template).encode())
-    page = _index_html(chosen, names, labels_dataset_dir, unusable)
+    page = _index_html(chosen, names, source, left_out, max_part_fraction)
     return write_atomic(out / INDEX_FILE, page.encode())
 
 
-def _index_html(chosen: list[PartCluster], names: dict[int, str], source, unusable: int) -> str:
+def _index_html(chosen: list[PartCluster], names: dict[int, str], source: str, left_out: dict[str, int],
+                max_part_fraction: float | None) -> str:
     esc = html.escape
     by_class: dict[int, list[PartCluster]] = {}
     for c in chosen:
@@ -226,9 +322,13 @@ def _index_html(chosen: list[PartCluster], names: dict[int, str], source, unusab
              "body{font-family:sans-serif;background:#222;color:#ddd} figure{display:inline-block;margin:6px}",
              "img{width:240px;border:1px solid #555} figcaption{font-size:12px} a{color:#9cf}</style></head><body>",
              "<h1>Purity grids (PartDistillation sec. 5.2)</h1>",
-             f"<p>Labels dataset: <code>{esc(str(source))}</code>. {len(by_class)} object classes, {len(chosen)} part "
-             f"clusters; {unusable} proposals without cluster id or class left out. Rate each grid 3-9 (tiles where "
-             f"the red mask covers the same part) in <a href='{TEMPLATE_FILE}'>{TEMPLATE_FILE}</a>.</p>", "<ul>"]
+             f"<p>Parts of the {source}. {len(by_class)} object classes, {len(chosen)} part clusters; "
+             f"{left_out['unlabelled']} parts without cluster id or class left out"
+             + ("" if max_part_fraction is None else
+                f", {left_out['too_large']} parts larger than {max_part_fraction:.0%} of their object left out "
+                "(sec. 5.4)")
+             + f". Rate each grid 3-9 (tiles where the red mask covers the same part) in "
+             f"<a href='{TEMPLATE_FILE}'>{TEMPLATE_FILE}</a>.</p>", "<ul>"]
     lines += [f"<li><a href='#class-{cid}'>{esc(names.get(cid, str(cid)))} (class {cid})</a>: "
               f"{len(cs)} clusters</li>" for cid, cs in by_class.items()]
     lines.append("</ul>")
