@@ -620,6 +620,10 @@ def _job_alive(workdir: Path) -> bool:
 
 
 # -- 3. the MLflow server killed and restarted ------------------------------------------------------
+# the server's GenAI job runner (a uvicorn worker, a job runner and ~7 huey consumers) is not used by selftrain
+MLFLOW_SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class MlflowServer:
     """A real ``mlflow server`` (SQLite backend, served artifacts) on a fixed port, to be killed and started again."""
 
@@ -636,7 +640,7 @@ class MlflowServer:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
                  "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination", str(self.root / "artifacts")],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root, env=MLFLOW_SERVER_ENV)
         deadline = time.monotonic() + timeout
         while True:
             try:
