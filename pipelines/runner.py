@@ -141,9 +141,6 @@ def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executo
     except ValueError as e:
         raise PipelineError(str(e)) from e
     parallel = max(1, max_parallel or default_max_parallel(cfg, specs))
-    share_cpus = getattr(executor, "share_cpus", None)  # local: the stages side by side share this machine's cores
-    if share_cpus:
-        share_cpus(parallel)
     lineage = lineage or Lineage(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_location(), cfg.tracking.outage_seconds)
     _ensure_workspace_repo(cfg, specs)
     parent = lineage.pipeline_run(cfg.pipeline, run, {"pipeline": cfg.pipeline, "run": run, "stages": ",".join(s.name for s in specs)}, config_text)

@@ -108,14 +108,9 @@ class LocalExecutor:
         self.echo = echo if echo is not None else _print
         self.cwd = Path(cwd) if cwd else None
         self.poll_seconds = poll_seconds
-        self.side_by_side = 1
-
-    def share_cpus(self, side_by_side: int) -> None:
-        """``side_by_side`` jobs may run at once on this machine: each process's OMP_NUM_THREADS is capped at its share
-        of the cores (cores / (jobs x processes per job)); the job's own value is kept when it is smaller, and an
-        OMP_NUM_THREADS exported by the user always wins. Without the cap, two stages side by side on 2 cores ran
-        18x slower than one alone (torch's thread pools spin against each other)."""
-        self.side_by_side = max(1, int(side_by_side))
+        # processes of the jobs this executor is running now: a job starting beside them gets its share of the cores
+        self._busy = 0
+        self._busy_lock = threading.Lock()
 
     # -- public --------------------------------------------------------------------------------
     def run(self, job: dict[str, Any], log_dir: str | Path | None = None) -> ExecutionResult:
@@ -159,10 +154,17 @@ class LocalExecutor:
         if need > len(gpu_pool):
             raise StageFailed(name, 0, [], f"the job asks for {need} nvidia.com/gpu in all, this machine offers {len(gpu_pool)}")
         try:
+            procs = world * int(nproc)
+        except ValueError:
+            procs = world  # "auto": one process per replica
+        with self._busy_lock:
+            others = self._busy
+            self._busy += procs
+        try:
             for r in replicas:
                 gpus = [gpu_pool.pop(0) for _ in range(r.gpus)]
                 mounts = self._mounts(r)
-                env = self._env(r, world, nproc, port, gpus, mounts)
+                env = self._env(r, world, nproc, port, gpus, mounts, others)
                 c = r.container
                 cmd = [_local_path(expand(a, env), mounts) for a in (c.get("command") or []) + (c.get("args") or [])]
                 if not cmd:
@@ -207,6 +209,8 @@ class LocalExecutor:
             # Every path out of an attempt leaves no process of it behind (also on exceptions/Ctrl-C).
             running = [r for r in replicas if r.proc is not None and r.proc.poll() is None]
             self._stop(replicas)
+            with self._busy_lock:
+                self._busy -= procs
         outcome = []
         for r in replicas:
             if r.reader:
@@ -218,7 +222,11 @@ class LocalExecutor:
         return outcome, reason
 
     def _env(self, r: _Replica, world: int, nproc: str, port: int, gpus: list[str],
-             mounts: list[tuple[str, Path]]) -> dict[str, str]:
+             mounts: list[tuple[str, Path]], others: int = 0) -> dict[str, str]:
+        """The replica's environment. OMP_NUM_THREADS: the job's own value capped at this job's share of the cores,
+        cores / (its processes + the processes of the jobs already running beside it), at least 1; a value the user
+        exported wins. A job alone gets every core; without the cap, two stages side by side on 2 cores ran 18x
+        slower than one alone (torch's thread pools spin against each other)."""
         env = {k: v for k, v in os.environ.items() if not _LAUNCH_VARS.match(k)}
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["PYTHONPATH"] = os.pathsep.join(p for p in [str(_REPO), env.get("PYTHONPATH", "")] if p)
@@ -236,7 +244,7 @@ class LocalExecutor:
         if "OMP_NUM_THREADS" in os.environ:  # the user's choice for this machine
             env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
         else:
-            share = max(1, local_cpus() // (self.side_by_side * world * nproc_int))
+            share = max(1, local_cpus() // (others + world * nproc_int))
             try:
                 share = min(share, max(1, int(env.get("OMP_NUM_THREADS") or share)))
             except ValueError:

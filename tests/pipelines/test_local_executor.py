@@ -125,22 +125,33 @@ def test_active_deadline_fails_a_stage_that_runs_too_long(tmp_path):
 
 
 def test_each_process_gets_its_share_of_the_cores(tmp_path, monkeypatch):
-    """Stages side by side share the machine: OMP_NUM_THREADS = cores / (jobs x processes), at least 1, never above
-    the job's own value; the user's exported value wins. (Two stages at once on 2 cores ran 18x slower without it.)"""
+    """A job alone gets every core (capped at its own OMP_NUM_THREADS); a job started while another runs gets the
+    cores left per process, at least 1; the user's exported value wins. (Two stages at once on 2 cores, each with
+    a thread per core, ran 18x slower than one alone.)"""
+    import threading
+    import time
+
     from pipelines.executors.local import local_cpus
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    job, out, _ = _job(tmp_path, replicas=1, nproc=1)
-    rendered = next(e["value"] for e in job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
+    first, out1, _ = _job(tmp_path / "a", replicas=1, nproc=1, SLEEP=6)
+    second, out2, _ = _job(tmp_path / "b", replicas=1, nproc=1)
+    rendered = next(e["value"] for e in first["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
                     if e["name"] == "OMP_NUM_THREADS")
     assert rendered == "2"  # the default CPU request "2" for one process per replica
     ex, _ = _executor()
-    ex.share_cpus(2)
-    ex.run(job)
-    assert _records(out)["1-0"]["env"]["OMP_NUM_THREADS"] == str(max(1, min(2, local_cpus() // 2)))
+    t = threading.Thread(target=ex.run, args=(first,))
+    t.start()
+    deadline = time.monotonic() + 60
+    while not list(out1.glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ex.run(second)  # while the first one sleeps
+    t.join(60)
+    assert _records(out1)["1-0"]["env"]["OMP_NUM_THREADS"] == str(max(1, min(2, local_cpus())))
+    assert _records(out2)["1-0"]["env"]["OMP_NUM_THREADS"] == str(max(1, min(2, local_cpus() // 2)))
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
-    ex.run(job)
-    assert _records(out)["2-0"]["env"]["OMP_NUM_THREADS"] == "7"
+    ex.run(second)
+    assert _records(out2)["2-0"]["env"]["OMP_NUM_THREADS"] == "7"
 
 
 def test_threads_per_process_reads_kubernetes_cpu_quantities():
