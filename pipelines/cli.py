@@ -359,11 +359,14 @@ def predict_cmd(
     output: Path = typer.Option(..., "--out", "-o", help="Folder for the COCO results files (the layout of the model's evaluating stage)."),
     config: Optional[Path] = typer.Option(DEFAULT_PIPELINE, "--config", "-c", help="Pipeline config whose MLflow registry resolves models:/ URIs."),
     instance_teacher: Optional[str] = typer.Option(None, "--instance-teacher", help="A part ranker is also conditioned on this model's detections (setting pred)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Keep at most this many predictions per image (default: the model's own)."),
+    min_size: Optional[int] = typer.Option(None, "--min-size", min=1, help="The model sees each image with its shorter side at this size, as the stages' min_size param; predictions come back at the dataset's resolution."),
+    max_size: Optional[int] = typer.Option(None, "--max-size", min=1, help="...and its longer side at most this (the stages' max_size param)."),
 ) -> None:
     """A registered model's predictions on a dataset as COCO results files (RLE masks, scores; parts: object class, cluster)."""
     from pipelines.partdistillation import predict
 
-    for path in _guard(predict.predict, model, dataset, output, config, instance_teacher).values():
+    for path in _guard(predict.predict, model, dataset, output, config, instance_teacher, top_k, min_size, max_size).values():
         out.print(f"wrote {path}", soft_wrap=True, highlight=False)
 
 

@@ -15,6 +15,9 @@ manifest does everything ``selftrain run`` does for that stage:
    spec to ``<workdir>/spec.json``.
 3. **Run the trainer** as a child, ``torchrun -m trainers <stage> --spec env:SELFTRAIN_SPEC`` with
    the resolved spec in ``SELFTRAIN_SPEC`` (SIGTERM/SIGINT are forwarded; its exit code is the job's).
+   A world of one (``PET_NNODES`` = ``PET_NPROC_PER_NODE`` = 1) runs ``python -m trainers`` directly:
+   the trainer joins that world from the launch variables itself, and torchrun would only add its
+   own start-up (seconds per stage).
 4. On node rank 0, after the trainer succeeded, **finish**: ``dvc add`` + ``dvc push`` of the
    output dataset, registration of the model, and for a stage with ``spec.promotion`` the
    evaluation record and the promotion rule (decision tags, then the alias). A failure is
@@ -184,6 +187,10 @@ def trainer_command(spec: StageSpec, env: dict[str, str] | None = None) -> list[
     env = os.environ if env is None else env
     if env.get(TRAINER_ENV):
         return list(json.loads(env[TRAINER_ENV]))
+    if env.get("PET_NNODES") == "1" and env.get("PET_NPROC_PER_NODE") == "1":
+        # a world of one: the trainer joins it from RANK/WORLD_SIZE/MASTER_* itself (trainers.comm); torchrun would add
+        # only its own start-up, seconds per stage
+        return [sys.executable, "-u", "-m", "trainers", spec.stage, "--spec", f"env:{SPEC_ENV}"]
     return [sys.executable, "-m", "torch.distributed.run", "-m", "trainers", spec.stage, "--spec", f"env:{SPEC_ENV}"]
 
 

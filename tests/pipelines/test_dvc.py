@@ -76,3 +76,26 @@ def test_version_of_untracked_directory_names_the_path(repo: Path) -> None:
 def test_find_root_outside_a_repo_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(dvc.DvcError, match="not inside a DVC repository"):
         dvc.find_root(tmp_path)
+
+
+def test_ensure_repo_again_starts_no_dvc_and_a_changed_remote_is_applied(repo: Path, tmp_path: Path, monkeypatch) -> None:
+    """Every pipeline run calls ensure_repo: unchanged, it reads .dvc/config and runs nothing; a new remote is written."""
+    calls: list[tuple[str, ...]] = []
+    real = dvc.dvc
+    monkeypatch.setattr(dvc, "dvc", lambda root, *args: (calls.append(args), real(root, *args))[1])
+    dvc.ensure_repo(repo, remote=str(tmp_path / "remote"))
+    assert calls == []
+    dvc.ensure_repo(repo, remote=str(tmp_path / "other"))
+    assert ("remote", "modify", "local", "url", str(tmp_path / "other")) in calls
+    config = (repo / ".dvc" / "config").read_text()
+    assert str(tmp_path / "other") in config and "autostage = true" in config
+    calls.clear()
+    dvc.ensure_repo(repo, remote=str(tmp_path / "other"))
+    assert calls == []
+
+
+def test_a_fresh_repo_gets_its_remote_as_default_with_autostage(tmp_path: Path) -> None:
+    root = dvc.ensure_repo(tmp_path / "fresh")  # the default remote: .selftrain/dvc-remote, relative
+    config = (root / ".dvc" / "config").read_text()
+    assert "remote = local" in config and "autostage = true" in config and "../.selftrain/dvc-remote" in config
+    assert dvc._configured(root, ".selftrain/dvc-remote", "local")

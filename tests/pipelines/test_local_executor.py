@@ -158,3 +158,15 @@ def test_threads_per_process_reads_kubernetes_cpu_quantities():
     assert [render.threads_per_process(c, n) for c, n in (("2", 1), ("2", 2), ("500m", 1), ("7.5", 2), ("16", 3))] == [2, 1, 1, 3, 5]
     with pytest.raises(ValueError, match="resources.cpu 'lots'"):
         render.threads_per_process("lots", 1)
+
+
+def test_a_world_of_one_runs_the_trainer_without_torchrun():
+    """torchrun only for more than one process: a lone trainer joins its world of one from the launch variables."""
+    from contract.spec import Outputs, StageSpec
+    from pipelines.stage_job import SPEC_ENV, trainer_command
+
+    spec = StageSpec(stage="fit-objects", name="fit", pipeline="p", params={}, outputs=Outputs(workdir="/tmp/w"))
+    lone = trainer_command(spec, {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1"})
+    assert lone[1:] == ["-u", "-m", "trainers", "fit-objects", "--spec", f"env:{SPEC_ENV}"]
+    for env in ({"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1"}, {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "2"}, {}):
+        assert trainer_command(spec, env)[1:3] == ["-m", "torch.distributed.run"], env

@@ -3,6 +3,8 @@ masks are at 256 px."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,6 +40,18 @@ def test_evaluate_proposals_at_min_size_64_writes_and_scores_masks_at_256(tmp_pa
     assert results and {tuple(r["segmentation"]["size"]) for r in results} == {(256, 256)}
     rescored = score_proposal_results(str(world["eval"]), tmp_path / "pred")
     assert rescored["eval/AR_8"] == pytest.approx(metrics["eval/AR_8"])
+
+    # `selftrain predict --min-size` of the model as train-proposals saves it gives the stage's files
+    from trainers.models.io import read_segmenter_file, save_segmenter
+    from trainers.models.segmenter import SegmenterConfig
+
+    blob = read_segmenter_file(world["model"])
+    proposals_model = save_segmenter(tmp_path / "proposals.pt", SegmenterConfig(**blob["config"]), blob["state_dict"],
+                                     stage="train-proposals")
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "predict", str(proposals_model), str(world["eval"]),
+                           "-o", str(tmp_path / "cli"), "--min-size", "64", "--top-k", "8"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "cli" / "proposals.json").read_bytes() == (tmp_path / "pred" / "proposals.json").read_bytes()
 
 
 def test_mine_parts_at_min_size_64_partitions_the_256_px_objects(tmp_path, world, one_rank):
