@@ -146,7 +146,8 @@ def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executo
     parent = lineage.pipeline_run(cfg.pipeline, run, {"pipeline": cfg.pipeline, "run": run, "stages": ",".join(s.name for s in specs)}, config_text)
     outcomes: dict[str, StageOutcome] = {}
     try:
-        _schedule(specs, graph, parallel, lambda spec: run_stage(cfg, spec, run, parent, lineage, executor, graph[spec.name], echo), outcomes)
+        _schedule(specs, graph, parallel, lambda spec: run_stage(cfg, spec, run, parent, lineage, executor, graph[spec.name], echo), outcomes,
+                  side_by_side=(lambda n: setattr(executor, "side_by_side", n)) if hasattr(executor, "side_by_side") else None)
     except BaseException:
         lineage.finish_pipeline(parent, succeeded=False)
         raise
@@ -161,11 +162,13 @@ def run_stages(cfg: PipelineConfig, specs: list[StageSpec], run: str, *, executo
 
 
 def _schedule(specs: list[StageSpec], graph: dict[str, list[str]], parallel: int,
-              run_one: Callable[[StageSpec], StageOutcome], outcomes: dict[str, StageOutcome]) -> None:
+              run_one: Callable[[StageSpec], StageOutcome], outcomes: dict[str, StageOutcome],
+              side_by_side: Callable[[int], None] | None = None) -> None:
     """Start every stage whose dependencies succeeded (in pipeline order), at most ``parallel`` at once.
 
     After a failure no new stage starts; the running ones finish, then the first failure (in
-    pipeline order) is raised, naming the others.
+    pipeline order) is raised, naming the others. ``side_by_side(n)`` is told how many stages run at
+    once (the ones starting included) before they start: the local executor shares the cores by it.
     """
     if parallel == 1:  # in order, in this thread (Ctrl-C reaches the executor directly)
         for spec in specs:
@@ -178,12 +181,12 @@ def _schedule(specs: list[StageSpec], graph: dict[str, list[str]], parallel: int
         try:
             while pending or running:
                 if not failures:
-                    for spec in list(pending):
-                        if len(running) >= parallel:
-                            break
-                        if all(d in outcomes for d in graph[spec.name]):
-                            pending.remove(spec)
-                            running[pool.submit(run_one, spec)] = spec.name
+                    ready = [s for s in pending if all(d in outcomes for d in graph[s.name])][:max(0, parallel - len(running))]
+                    if ready and side_by_side is not None:
+                        side_by_side(len(running) + len(ready))
+                    for spec in ready:
+                        pending.remove(spec)
+                        running[pool.submit(run_one, spec)] = spec.name
                 if not running:
                     break
                 done, _ = wait(list(running), return_when=FIRST_COMPLETED)

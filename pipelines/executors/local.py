@@ -111,6 +111,9 @@ class LocalExecutor:
         # processes of the jobs this executor is running now: a job starting beside them gets its share of the cores
         self._busy = 0
         self._busy_lock = threading.Lock()
+        # how many jobs the caller runs at once now, those starting included (the pipeline runner sets it before it
+        # starts them): of two stages started together the first would otherwise see the cores free and take them all
+        self.side_by_side = 1
 
     # -- public --------------------------------------------------------------------------------
     def run(self, job: dict[str, Any], log_dir: str | Path | None = None) -> ExecutionResult:
@@ -158,7 +161,7 @@ class LocalExecutor:
         except ValueError:
             procs = world  # "auto": one process per replica
         with self._busy_lock:
-            others = self._busy
+            others = max(self._busy, self.side_by_side - 1)  # a job the caller is starting counts one process at least
             self._busy += procs
         try:
             for r in replicas:

@@ -154,6 +154,27 @@ def test_each_process_gets_its_share_of_the_cores(tmp_path, monkeypatch):
     assert _records(out2)["2-0"]["env"]["OMP_NUM_THREADS"] == "7"
 
 
+def test_stages_the_runner_starts_together_share_the_cores_from_the_first(tmp_path, monkeypatch):
+    """Of two stages started together the first must not take every core because it reached the executor first: the
+    runner tells the executor how many run side by side before it starts them."""
+    from pipelines.executors.local import local_cpus
+    from pipelines.runner import _schedule
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    told: list[int] = []
+    specs = [type("S", (), {"name": n})() for n in ("a", "b", "c")]
+    _schedule(specs, {"a": [], "b": [], "c": ["a"]}, 2, lambda s: s.name, {}, side_by_side=told.append)
+    assert told[0] == 2 and set(told[1:]) <= {1, 2}  # a and b together; c once a is done
+    ex, _ = _executor()
+    ex.side_by_side = 2
+    job, out, _ = _job(tmp_path / "a", replicas=1, nproc=1)
+    ex.run(job)  # the first of two: nothing runs yet, half the cores all the same
+    assert _records(out)["1-0"]["env"]["OMP_NUM_THREADS"] == str(max(1, min(2, local_cpus() // 2)))
+    ex.side_by_side = 1
+    ex.run(job)
+    assert _records(out)["2-0"]["env"]["OMP_NUM_THREADS"] == str(max(1, min(2, local_cpus())))
+
+
 def test_threads_per_process_reads_kubernetes_cpu_quantities():
     assert [render.threads_per_process(c, n) for c, n in (("2", 1), ("2", 2), ("500m", 1), ("7.5", 2), ("16", 3))] == [2, 1, 1, 3, 5]
     with pytest.raises(ValueError, match="resources.cpu 'lots'"):
