@@ -15,6 +15,8 @@ setup: $(BIN)/selftrain  ## create .venv and install selftrain with pinned depen
 
 demo: setup  ## the main job: generate + version the demo dataset, then run PartDistillation on it
 	$(BIN)/selftrain data generate
+	@# the val images without their part labels: the label-free selection criterion's held-out images (configs/partdistillation-demo.yaml)
+	test -d data/partworld-demo-holdout/holdout || $(BIN)/selftrain data split data/partworld-demo/val --fractions holdout=1 --seed 0 -o data/partworld-demo-holdout
 	$(BIN)/selftrain run configs/partdistillation-demo.yaml
 
 lint: setup  ## ruff + the plane boundary (import-linter contracts in pyproject.toml); runs both, fails if either fails
