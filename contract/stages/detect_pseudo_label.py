@@ -12,6 +12,12 @@ class DetectPseudoLabelParams(Params):
     """Eq. 2 (one constant threshold delta, no per-class thresholds) and eq. 3 (images without a pseudo-label leave D^p)."""
 
     delta: float = Field(default=0.2, ge=0, lt=1, description="Predictions kept with score > delta (Table 7: 0.2).")
+    nms_iou: float | None = Field(
+        default=0.6, gt=0, le=1,
+        description="Greedy mask NMS before delta: a prediction overlapping a better-scored one (of its class when "
+                    "class-specific) with mask IoU above this is dropped; null: every prediction kept. The paper's "
+                    "detector (CondInst on FCOS, sec. 3.4) suppresses overlaps at IoU 0.6 in its inference; a query-based "
+                    "detector has no NMS of its own (docs/casp.md \"Choices\").")
     class_agnostic: bool = Field(
         default=True,
         description="alpha(.): pseudo-labels carry no class (CaSP); false keeps each prediction's class as category_id "

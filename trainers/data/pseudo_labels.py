@@ -3,7 +3,9 @@
 - alpha(.) (eq. 1): every object class maps to one class-free "object" (training label 0); :func:`training_targets`
   builds the engine's target function for ``objects`` (ground truth) or ``pseudo_labels`` (a labelled dataset's
   ``proposals``), class-agnostic or class-specific;
-- eq. 2: a labeling detector's predictions with score > delta are an image's pseudo-labels (:func:`pseudo_labels`);
+- eq. 2: a labeling detector's predictions with score > delta are an image's pseudo-labels (:func:`pseudo_labels`),
+  after the non-maximum suppression that the paper's detector applies in its inference (:func:`mask_nms`, sec. 3.4:
+  CondInst on FCOS, whose post-processing suppresses overlaps at IoU 0.6; docs/casp.md "Choices");
 - eq. 3: images left without a pseudo-label are not part of D^p (the labeling stage drops and counts them);
 - eq. 4: the target detector learns from D^p alone: :func:`pseudo_label_targets` refuses a record that carries
   ground-truth objects (:class:`GroundTruthInPseudoLabels`), so late pretraining never sees one;
@@ -93,6 +95,7 @@ class PseudoLabelCounts(Stats):
     images: int = 0
     images_without_labels: int = 0  # no prediction > delta: left out of D^p (eq. 3)
     predictions: int = 0
+    suppressed: int = 0  # predictions above delta removed by the mask NMS (a better-scored one of its class overlaps it)
     labels: int = 0
     gt_objects_dropped: int = 0  # ground-truth objects of the input records, never copied
     forward_s: float = 0.0  # the detector's forward pass (predict: forward + mask post-processing)
@@ -137,14 +140,46 @@ def empty_message(delta: float, counts: PseudoLabelCounts) -> str:
             f"({counts.predictions} predictions; score distribution: {describe_scores(counts)}){hint}")
 
 
-def pseudo_labels(pred, delta: float, index_to_cat: dict[int, int] | None) -> list[dict]:
-    """Eq. 2: the predictions of one image with score > delta as pseudo-labels (best first). ``index_to_cat`` None:
-    class-agnostic (label 0, no category); else each keeps its predicted class as ``category_id``."""
+def mask_nms(masks: Tensor, scores: Tensor, labels: Tensor, iou: float) -> Tensor:
+    """Greedy non-maximum suppression on mask IoU, per class (``labels``; one class when class-agnostic): the indices
+    kept, best score first. A prediction is dropped when a better-scored one of its class overlaps it with IoU > ``iou``;
+    equal scores keep the lower index. Empty masks overlap nothing."""
+    n = int(scores.numel())
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices
+    flat = masks.reshape(n, -1).float().cpu()
+    inter = flat @ flat.T
+    area = flat.sum(1)
+    union = area[:, None] + area[None, :] - inter
+    overlap = torch.where(union > 0, inter / union.clamp(min=1e-9), torch.zeros_like(inter))
+    same = labels.cpu()[:, None] == labels.cpu()[None, :]
+    suppressed = torch.zeros(n, dtype=torch.bool)
+    kept = []
+    for i in order.tolist():
+        if suppressed[i]:
+            continue
+        kept.append(i)
+        suppressed |= same[i] & (overlap[i] > iou)
+    return torch.tensor(kept, dtype=torch.int64)
+
+
+def pseudo_labels(pred, delta: float, index_to_cat: dict[int, int] | None, nms_iou: float | None = None,
+                  counts: PseudoLabelCounts | None = None) -> list[dict]:
+    """Eq. 2: the predictions of one image with score > delta as pseudo-labels (best first), after :func:`mask_nms`
+    at ``nms_iou`` (None: none). ``index_to_cat`` None: class-agnostic (label 0, no category); else each keeps its
+    predicted class as ``category_id``. ``counts.suppressed`` counts what the NMS removed."""
     from trainers.structures import encode_masks
 
-    keep = pred.scores > delta
-    if not bool(keep.any()):
+    keep = torch.nonzero(pred.scores > delta).flatten()
+    if not len(keep):
         return []
+    if nms_iou is not None:
+        classes_above = torch.zeros_like(keep) if index_to_cat is None else pred.labels[keep]
+        kept = keep[mask_nms(pred.masks[keep], pred.scores[keep], classes_above, nms_iou)]
+        if counts is not None:
+            counts.suppressed += len(keep) - len(kept)
+        keep = kept
     masks = pred.masks[keep]
     scores, classes = pred.scores[keep].tolist(), pred.labels[keep].tolist()
     areas = masks.flatten(1).sum(1).tolist()

@@ -1,10 +1,10 @@
 """Stage ``detect-pseudo-label``: the pseudo-label set D^p of CaSP (sec. 3.1, eq. 2-3).
 
 The labeling detector ``inputs.models.detector`` predicts instances on ``inputs.datasets.images`` (after the
-augmentation ``params.augment``); predictions with score > delta become the image's ``proposals``
-(``trainers.data.pseudo_labels``), class-agnostic under alpha(.) or with their class; an image left without one is
-dropped and counted (eq. 3); ground-truth objects of the input are never copied. A map over shards
-(``trainers.shardmap``). An empty D^p is an error naming delta and the score distribution.
+augmentation ``params.augment``); after a mask NMS (``params.nms_iou``), predictions with score > delta become the
+image's ``proposals`` (``trainers.data.pseudo_labels``), class-agnostic under alpha(.) or with their class; an image
+left without one is dropped and counted (eq. 3); ground-truth objects of the input are never copied. A map over
+shards (``trainers.shardmap``). An empty D^p is an error naming delta and the score distribution.
 Params: ``python -m trainers detect-pseudo-label --help``.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def run(spec: StageSpec):
             counts.images += 1
             counts.gt_objects_dropped += len(record.get("objects", [])) + len(record.get("stuff", []))
             counts.count_scores(pred.scores)
-            labels = pseudo_labels(pred, p.delta, index_to_cat)
+            labels = pseudo_labels(pred, p.delta, index_to_cat, p.nms_iou, counts)
             if not labels:  # eq. 3: D^p holds images with at least one pseudo-label
                 counts.images_without_labels += 1
                 return None

@@ -19,6 +19,7 @@ from trainers.data.pseudo_labels import (
     alpha,
     augment,
     empty_message,
+    mask_nms,
     pseudo_label_targets,
     pseudo_labels,
     training_targets,
@@ -53,6 +54,44 @@ def test_only_predictions_scoring_above_delta_are_kept():
     assert all(p["label"] == 0 and "category_id" not in p for p in out)
     specific = pseudo_labels(_pred([0.9, 0.5], labels=[1, 0]), 0.2, {0: 7, 1: 9})
     assert [p["category_id"] for p in specific] == [9, 7]
+
+
+def _masks(*rows_cols, size=10):
+    """One mask per (r0, r1, c0, c1) rectangle."""
+    out = torch.zeros(len(rows_cols), size, size, dtype=torch.bool)
+    for i, (r0, r1, c0, c1) in enumerate(rows_cols):
+        out[i, r0:r1, c0:c1] = True
+    return out
+
+
+def test_mask_nms_drops_a_prediction_overlapping_a_better_one_of_its_class_above_the_iou():
+    # 0 and 1: IoU 80/100 = 0.8; 0 and 2: 40/100 = 0.4; 3 is empty
+    masks = _masks((0, 10, 0, 10), (0, 8, 0, 10), (0, 10, 0, 4), (0, 0, 0, 0))
+    scores = torch.tensor([0.5, 0.9, 0.4, 0.3])
+    one_class = torch.zeros(4, dtype=torch.int64)
+    # 1 (best) suppresses 0 (IoU 0.8 > 0.6); 2 overlaps 1 by 32/(80+40-32) = 0.36: kept; the empty mask overlaps nothing
+    assert mask_nms(masks, scores, one_class, 0.6).tolist() == [1, 2, 3]
+    assert mask_nms(masks, scores, one_class, 0.3).tolist() == [1, 3]  # 0.36 > 0.3 now
+    assert mask_nms(masks, scores, one_class, 0.8).tolist() == [1, 0, 2, 3]  # IoU 0.8 is not > 0.8
+    # per class: a better prediction of another class suppresses nothing
+    assert mask_nms(masks, scores, torch.tensor([0, 1, 1, 0]), 0.6).tolist() == [1, 0, 2, 3]
+    assert mask_nms(masks[:0], scores[:0], one_class[:0], 0.6).tolist() == []
+
+
+def test_pseudo_labels_apply_the_nms_before_delta_and_count_what_it_removed():
+    masks = _masks((0, 10, 0, 10), (0, 9, 0, 10), (0, 10, 0, 3))
+    pred = InstancePredictions(scores=torch.tensor([0.9, 0.8, 0.1]), labels=torch.zeros(3, dtype=torch.int64), masks=masks,
+                               query_features=torch.zeros(3, 4), query_indices=torch.arange(3))
+    counts = PseudoLabelCounts()
+    out = pseudo_labels(pred, 0.2, None, nms_iou=0.6, counts=counts)
+    assert [round(p["score"], 2) for p in out] == [0.9] and counts.suppressed == 1  # 0.1 is below delta, not suppressed
+    assert len(pseudo_labels(pred, 0.2, None, nms_iou=None)) == 2
+    # class-specific: the duplicate under another class is kept (FCOS's NMS is per class)
+    pred.labels[1] = 1
+    assert [p["category_id"] for p in pseudo_labels(pred, 0.2, {0: 7, 1: 9}, nms_iou=0.6)] == [7, 9]
+    assert DEFINITION.parse({}).nms_iou == 0.6 and DEFINITION.parse({"nms_iou": None}).nms_iou is None
+    with pytest.raises(ParamsError, match="nms_iou"):
+        DEFINITION.parse({"nms_iou": 0})
 
 
 def test_an_empty_set_names_delta_and_the_score_distribution():
