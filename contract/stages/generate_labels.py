@@ -20,6 +20,12 @@ class GenerateLabelsParams(Params):
     threshold: float | Literal["otsu"] = Field(
         default=0.41, description="tau of eq. 7 on the mean pixel attention (the PASS ImageNet-S50 script: 0.41, read "
                                   "off a validation curve); otsu: Otsu's threshold of the attention histogram (label-free).")
+    polarity: Literal["auto", "as_trained", "flipped"] = Field(
+        default="auto",
+        description="Which side of the pixel attention is the object (pixel_attention): auto decides without labels by "
+                    "the border prior (mean attention inside minus on the border over polarity_images images; negative: "
+                    "the rule uses 1 - a); as_trained: a as trained (the paper); flipped: 1 - a. docs/luss.md \"Choices\".")
+    polarity_images: int = Field(default=256, ge=1, description="Images (over all ranks) the auto polarity check reads.")
     upsample: int = Field(default=4, ge=1, description="Output features = the last stage upsampled this many times (PASS: 4).")
     niter: int = Field(default=20, ge=1, description="k-means iterations.")
     max_points_per_centroid: int = Field(default=256, ge=1, description="k-means trains on a seeded sample of at most k x this many rows.")

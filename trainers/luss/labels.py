@@ -5,6 +5,14 @@
 attention (the mean of its per-channel attention maps, upsampled to the image) is below the threshold tau is 'other'
 (eq. 7); every other pixel takes the generated category whose centroid is nearest (largest cosine) to its feature.
 
+**Polarity** (a project choice, docs/luss.md "Choices"): nothing in eq. 6-7 makes the attention high on objects; it
+is high on whatever tells two crops of one image apart from other images, and on a dataset whose backgrounds differ
+more than its objects that is the background. The labelling stage checks it without labels by the border prior of
+unsupervised saliency (objects rarely fill the image border): :func:`border_contrast` is the mean attention inside
+minus on the border; negative over a sample of images means the attention is inverted, and the rule then uses
+1 - a everywhere (pooling, the histogram, tau). ``LabelRule.attention_flipped`` records it so the evaluation and
+prediction apply the same rule.
+
 **pixel_kmeans** (the baseline "k-means on the raw features at the same K"): k-means with K + 1 clusters over pixel
 features sampled from every image; the cluster holding the most sampled pixels is 'other' (like the attention
 threshold, a choice made without labels), the others are the K categories, every pixel takes its nearest centroid.
@@ -45,6 +53,7 @@ class LabelRule:
     output_stride: int
     model: str | None  # the model input's URI (None: randomly initialised backbone)
     stats: dict = field(default_factory=dict)  # what the clustering reported (re-seeded clusters, cluster sizes, ...)
+    attention_flipped: bool = False  # the rule uses 1 - a (the polarity check found the attention on the border)
 
     def save(self, folder: str | Path, centroids: np.ndarray) -> None:
         folder = Path(folder)
@@ -65,10 +74,28 @@ class LabelRule:
 
 @torch.no_grad()
 def features_and_attention(backbone: Backbone, attention: PixelAttention | None, images: Tensor,
-                           upsample: int) -> tuple[Tensor, Tensor | None]:
-    """Output features (normalised, [B, C, h, w]) and, with an attention module, the attention [B, C, h, w]."""
+                           upsample: int, flipped: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Output features (normalised, [B, C, h, w]) and, with an attention module, the attention [B, C, h, w]
+    (1 - the module's output when ``flipped``)."""
     feats = output_features(backbone(images)[-1], upsample)
-    return feats, (attention(feats) if attention is not None else None)
+    if attention is None:
+        return feats, None
+    att = attention(feats)
+    return feats, (1.0 - att if flipped else att)
+
+
+def border_contrast(att: Tensor, band: float = 0.125) -> Tensor:
+    """Per image [B]: the mean attention (over channels) inside the image minus its mean on the border band (the outer
+    ``band`` of each side, at least one feature pixel). Positive when the attention avoids the border, as objects do."""
+    a = att.float().mean(1)  # [B, h, w]
+    h, w = a.shape[-2:]
+    bh, bw = max(1, round(h * band)), max(1, round(w * band))
+    border = torch.ones(h, w, dtype=torch.bool, device=a.device)
+    if h > 2 * bh and w > 2 * bw:
+        border[bh:h - bh, bw:w - bw] = False
+    else:  # too small for an inside: no evidence either way
+        return torch.zeros(a.shape[0], device=a.device)
+    return a[:, ~border].mean(1) - a[:, border].mean(1)
 
 
 def image_embeddings(feats: Tensor, att: Tensor) -> Tensor:

@@ -51,7 +51,8 @@ class RulePredictor:
         self.centroids = torch.from_numpy(np.asarray(centroids)).float().to(device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        feats, att = features_and_attention(self.backbone, self.attention, images, self.rule.upsample)
+        feats, att = features_and_attention(self.backbone, self.attention, images, self.rule.upsample,
+                                            self.rule.attention_flipped)
         return label_maps(self.rule, self.centroids, feats, att, tuple(images.shape[-2:]))
 
 

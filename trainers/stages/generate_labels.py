@@ -2,6 +2,9 @@
 
 Four phases over ``inputs.datasets.images`` with ``inputs.models.model``, every one resumable:
 
+0. **polarity** -- ``method: pixel_attention``: which side of the attention is the object, from the border prior over
+   ``polarity_images`` images (``params.polarity``, ``trainers.luss.labels`` "Polarity"); cheap, so it is recomputed on
+   a resume rather than stored;
 1. **spill** -- each rank embeds its share (``method: pixel_attention``: the attention-pooled image embedding;
    ``pixel_kmeans``: ``pixels_per_image`` sampled pixel features) and appends them to a feature spill on disk
    (``trainers.parts.class_clusters.FeatureSpill``), with a histogram of the pixel attention;
@@ -42,6 +45,7 @@ from trainers.luss.kmeans import assign_blocks, read_sample, spilled_rows, train
 from trainers.luss.labels import (
     LabelRule,
     attention_histogram,
+    border_contrast,
     features_and_attention,
     image_embeddings,
     label_maps,
@@ -91,7 +95,29 @@ def load_labeller(spec: StageSpec, method: str, device):
     return backbone, attention, doc
 
 
-def spill(sm: ShardMap, p, backbone, attention, spill_dir: Path, logger) -> tuple[LabelStats, np.ndarray]:
+def polarity(sm: ShardMap, p, backbone, attention) -> tuple[bool, float]:
+    """Phase 0 (every rank): (flip the attention?, the mean border contrast over the images read). ``auto`` reads this
+    rank's first ``polarity_images / world_size`` images and averages the border contrast over all ranks."""
+    if attention is None or p.polarity == "as_trained":
+        return False, float("nan")
+    if p.polarity == "flipped":
+        return True, float("nan")
+    d = sm.dist
+    want = -(-p.polarity_images // d.world_size)
+    total, count = 0.0, 0
+    for group in iter_same_size(sm.images, p.batch_size, rank=d.rank, world_size=d.world_size):
+        if count >= want:
+            break
+        images = images_to_tensor([g[2] for g in group[: want - count]]).to(d.device)
+        _, att = features_and_attention(backbone, attention, images, p.upsample)
+        c = border_contrast(att)
+        total, count = total + float(c.sum()), count + len(c)
+    total, count = all_reduce_sum([total, float(count)])
+    mean = total / max(count, 1.0)
+    return bool(mean < 0), mean
+
+
+def spill(sm: ShardMap, p, backbone, attention, spill_dir: Path, logger, flipped: bool = False) -> tuple[LabelStats, np.ndarray]:
     """Phase 1 on this rank: embeddings (or sampled pixels) into the spill; the attention histogram."""
     d = sm.dist
     stats, hist = LabelStats(), np.zeros(HIST_BINS, dtype=np.int64)
@@ -99,7 +125,7 @@ def spill(sm: ShardMap, p, backbone, attention, spill_dir: Path, logger) -> tupl
     with FeatureSpill(spill_dir, writer=str(d.rank)) as out:
         for group in iter_same_size(sm.images, p.batch_size, rank=d.rank, world_size=d.world_size):
             images = images_to_tensor([g[2] for g in group]).to(d.device)
-            feats, att = features_and_attention(backbone, attention, images, p.upsample)
+            feats, att = features_and_attention(backbone, attention, images, p.upsample, flipped)
             rows = image_embeddings(feats, att) if p.method == "pixel_attention" else sample_pixels(feats, p.pixels_per_image, gen)
             rows = rows.float().cpu().numpy()
             finite = np.isfinite(rows).all(1)
@@ -140,6 +166,11 @@ def run(spec: StageSpec):
     logger = MetricLogger(spec, d.is_main, total=(2 if p.write_labels else 1) * n_mine, initial=0)
     backbone, attention, doc = load_labeller(spec, p.method, d.device)
     try:
+        # phase 0: the attention's polarity (label-free), before anything is pooled with it
+        flipped, contrast = polarity(sm, p, backbone, attention)
+        if attention is not None:
+            log.info("%s: attention %s (border contrast %+.4f, polarity %s)", spec.name,
+                     "flipped: 1 - a is the object side" if flipped else "as trained", contrast, p.polarity)
         # phase 1: spill (skipped when this rank's spill is complete for the fingerprint)
         marker = spill_dir / "_done" / f"{d.rank}.json"
         done = read_json(marker)
@@ -147,7 +178,7 @@ def run(spec: StageSpec):
             stats, hist = LabelStats.from_dict(done["stats"]), np.asarray(done["hist"], dtype=np.int64)
             logger.advance(n_mine)
         else:
-            stats, hist = spill(sm, p, backbone, attention, spill_dir, logger)
+            stats, hist = spill(sm, p, backbone, attention, spill_dir, logger, flipped)
             write_json(marker, {"fingerprint": sm.fingerprint, "stats": stats.to_dict(), "hist": hist.tolist()}, indent=None)
         barrier()
         # phase 2: k-means on a sample (rank 0), the same centroids for every rank
@@ -170,12 +201,16 @@ def run(spec: StageSpec):
                          timm_name=doc["timm_name"], output_stride=output_stride_of(doc),
                          model=spec.inputs.models["model"].uri,
                          stats={"cluster_sizes": sizes.tolist(), "reseeded": info["reseeded"], "faiss_splits": info["faiss_splits"],
-                                "sample": info["sample"], "rows": info["rows"], "attention_histogram": hist.tolist()})
+                                "sample": info["sample"], "rows": info["rows"], "attention_histogram": hist.tolist(),
+                                "border_contrast": contrast if contrast == contrast else None},
+                         attention_flipped=flipped)
         extra = {"labels/k": float(p.k), "labels/reseeded": float(info["reseeded"]),
                  "labels/faiss_splits": float(info["faiss_splits"]), "labels/kmeans_sample": float(info["sample"]),
                  "labels/kmeans_seconds": float(info["seconds"]),
                  "labels/clusters_without_rows": float((sizes == 0).sum()),
-                 **({"labels/threshold": float(threshold)} if threshold is not None else {})}
+                 **({"labels/threshold": float(threshold)} if threshold is not None else {}),
+                 **({"labels/attention_flipped": float(flipped), "labels/border_contrast": contrast}
+                    if attention is not None and contrast == contrast else {})}
 
         def metrics(total: LabelStats, wall: float, merged) -> dict[str, float]:
             out = total.as_metrics()
@@ -201,7 +236,7 @@ def run(spec: StageSpec):
         cent = torch.from_numpy(centroids).float().to(d.device)
 
         def label(keys, images, records, st: LabelStats):
-            feats, att = features_and_attention(backbone, attention, images, p.upsample)
+            feats, att = features_and_attention(backbone, attention, images, p.upsample, flipped)
             size = tuple(images.shape[-2:])
             maps = label_maps(rule, cent, feats, att, size).cpu().numpy()
             att_up = (F.interpolate(att.mean(1, keepdim=True), size=size, mode="bilinear", align_corners=False)[:, 0].cpu().numpy()

@@ -91,6 +91,39 @@ def test_generate_labels_labels_every_image_drops_ground_truth_and_resumes(world
     assert (out / "index.json").read_bytes() == before
 
 
+def test_the_attention_polarity_is_decided_without_labels_by_the_border_prior_and_recorded_in_the_rule(world, attention_file, one_rank):
+    from trainers.data.batches import images_to_tensor
+    from trainers.data.shards import iter_samples
+    from trainers.luss.labels import LabelRule, attention_histogram, border_contrast, features_and_attention
+    from trainers.luss.model import PixelAttention, backbone_from, read_model_file
+
+    doc = read_model_file(attention_file)
+    backbone = backbone_from(doc).eval()
+    att_model = PixelAttention(backbone.out_channels)
+    att_model.load_state_dict(doc["extra"]["pixel_attention"])
+    att_model.eval()
+    images = images_to_tensor([im for _, im, _ in iter_samples(world["train"])][:10])
+    _, att = features_and_attention(backbone, att_model, images, 4)
+    expected = float(border_contrast(att).mean())  # the first 10 images: what auto reads with polarity_images 10
+    rules = {}
+    for polarity in ("auto", "as_trained", "flipped"):
+        out = world["root"] / f"labels-{polarity}"
+        run("generate-labels", stage_spec("generate-labels", world["root"] / f"gl-{polarity}", datasets={"images": world["train"]},
+                                          models={"model": attention_file}, nproc=1, dataset_out=out,
+                                          params={"k": 2, "threshold": "otsu", "batch_size": 4, "polarity": polarity,
+                                                  "polarity_images": 10}))
+        rules[polarity] = (LabelRule.load(out)[0], result(world["root"] / f"gl-{polarity}")["metrics"])
+    rule, m = rules["auto"]
+    assert m["labels/border_contrast"] == pytest.approx(expected, abs=1e-6)
+    assert rule.attention_flipped == (expected < 0) == bool(m["labels/attention_flipped"])
+    assert not rules["as_trained"][0].attention_flipped and rules["flipped"][0].attention_flipped
+    # the flipped rule saw 1 - a everywhere: its attention histogram over all 16 images is the mirror image
+    full = images_to_tensor([im for _, im, _ in iter_samples(world["train"])])
+    _, att_all = features_and_attention(backbone, att_model, full, 4)
+    assert rules["as_trained"][0].stats["attention_histogram"] == attention_histogram(att_all, 256).tolist()
+    assert rules["flipped"][0].stats["attention_histogram"] == attention_histogram(1 - att_all, 256).tolist()
+
+
 def test_an_all_other_image_is_kept_and_counted(world, attention_file, one_rank):
     from trainers.data.shards import iter_samples
 
