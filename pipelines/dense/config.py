@@ -48,7 +48,7 @@ class DenseSection(_Strict):
     representations: dict[str, str] = Field(
         default_factory=dict,
         description="Further representations evaluated on the same protocol: row label -> model (models:/<name>@<alias>, "
-                    "e.g. PASS's models:/pass-represent@champion, or a representation file).")
+                    "e.g. a PASS run's representation models:/luss-representation/<version>, or a representation file).")
     slotcon: SlotconSection = Field(default_factory=SlotconSection, description="SlotCon.")
     leopart: LeopartSection = Field(default_factory=LeopartSection, description="Leopart.")
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection, description="The evaluation every row shares.")

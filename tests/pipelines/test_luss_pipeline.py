@@ -98,6 +98,8 @@ def test_luss_runs_end_to_end_and_promotes_on_val(tmp_path: Path) -> None:
     assert sum(len(r["proposals"]) for r in records) == labels["labels/proposals"]
     rule, centroids = LabelRule.load(run_dir / "datasets" / "labels-k3")
     assert rule.k == 3 and centroids.shape[0] == 3 and 0 < rule.threshold < 1
+    # the label-free polarity check ran (polarity: auto) and the rule records what it decided
+    assert rule.attention_flipped == (labels["labels/border_contrast"] < 0) == bool(labels["labels/attention_flipped"])
 
     # promotion read the val split's metric, never the reported split's
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ws' / 'mlflow' / 'mlflow.db'}")
