@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo lint test image-check bench clean
+.PHONY: setup demo lint cluster-build test image-check bench clean
 
 $(BIN)/selftrain: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ demo: setup  ## the main job: generate + version the demo dataset, then run Part
 lint: setup  ## ruff + the plane boundary (import-linter contracts in pyproject.toml); runs both, fails if either fails
 	rc=0; $(BIN)/ruff check . || rc=1; $(BIN)/lint-imports --no-logo || rc=1; exit $$rc
 
-test: setup lint  ## lint, then the whole test suite (what CI runs)
+cluster-build: setup  ## build the local control plane the Kubernetes tests start (cached; a cold machine's first build takes several minutes)
+	PATH="$(abspath $(BIN)):$$PATH" tests/cluster/up --build-only
+
+test: setup lint cluster-build  ## lint, build the local control plane, then the whole test suite (what CI runs)
 	$(BIN)/python -m pytest
 
 image-check: setup  ## build the image from the Dockerfile with buildah on a local base and run a demo stage in it (root; ~15 min cold)
