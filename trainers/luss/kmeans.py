@@ -3,7 +3,7 @@
 The embeddings are spilled to disk by every rank (``trainers.parts.class_clusters.FeatureSpill``: float32 chunks,
 published atomically); :func:`train_on_sample` reads a seeded sample of at most ``max_points_per_centroid x k`` rows
 (faiss's own budget) from the memory-mapped chunks, trains spherical faiss k-means on it (the GPU index when faiss
-sees one) from a k-means++ start, and guarantees exactly k clusters: a cluster left with no member of the sample is
+sees one) from a k-means++ start (seeded on at most 256 x k of its rows), and guarantees exactly k clusters: a cluster left with no member of the sample is
 re-seeded at the sample point farthest from its centroid and the assignment redone; re-seeds are counted, as are
 faiss's own splits of empty clusters during training. :func:`assign_blocks` then streams every row through the
 index block by block (one block of rows in memory), counting the members of every cluster over the dataset.
@@ -24,10 +24,17 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def kmeans_plus_plus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+SEED_POINTS_PER_CENTROID = 256  # k-means++ seeds on at most this many rows per centroid (faiss's training budget)
+
+
+def kmeans_plus_plus(x: np.ndarray, k: int, seed: int, max_rows: int | None = None) -> np.ndarray:
     """Greedy k-means++ seeding under the cosine distance (rows of ``x`` unit-norm): of 2 + log(k) candidates drawn
-    by distance, each step keeps the one that lowers the potential most (as scikit-learn); k rows of ``x``."""
+    by distance, each step keeps the one that lowers the potential most (as scikit-learn); k rows of ``x``.
+    ``max_rows``: seed on a seeded uniform sample of that many rows when ``x`` has more (the seeding costs k passes
+    over its rows; Lloyd's iterations then run on all of ``x``)."""
     rng = np.random.default_rng(seed)
+    if max_rows is not None and len(x) > max(max_rows, k):
+        x = x[np.sort(rng.choice(len(x), max(max_rows, k), replace=False))]
     n, trials = len(x), 2 + int(np.log(k))
     chosen = [int(rng.integers(n))]
     d = np.clip(1.0 - x @ x[chosen[0]], 0, None).astype(np.float64)
@@ -96,16 +103,41 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, gpu: boo
         raise ValueError(f"k-means with k={k} needs at least {k} points, got {n}")
     km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=True, gpu=gpu, verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=n)
-    km.train(x, init_centroids=kmeans_plus_plus(x, k, seed))
+    km.train(x, init_centroids=kmeans_plus_plus(x, k, seed, max_rows=SEED_POINTS_PER_CENTROID * k))
     splits = int(sum(s.get("nsplit", 0) for s in km.iteration_stats))
     cent, assign, reseeded = fill_empty_clusters(x, np.asarray(km.centroids))
     sizes = np.bincount(assign, minlength=k)
     return cent, {"reseeded": reseeded, "faiss_splits": splits, "sizes": sizes.tolist(), "empty": int((sizes == 0).sum())}
 
 
-def spilled_rows(spill_dir: str | Path, class_id: int = 0) -> tuple[list[np.ndarray], int]:
-    """The memory-mapped feature chunks of a spill and their total row count."""
-    chunks = [np.load(p, mmap_mode="r") for p in spill_chunks(spill_dir, class_id)]
+class ChunkFile:
+    """One spilled ``.npy`` chunk read piece by piece: every ``[...]`` maps the file, copies the rows asked for and
+    unmaps it. Holding memory maps of every chunk keeps each page read resident in the process (file-backed RSS, the
+    whole spill by the end of a pass); this keeps what a pass holds to one block, whatever the dataset's size."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        m = np.load(self.path, mmap_mode="r")
+        self.shape, self.dtype = m.shape, m.dtype
+        del m
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, index) -> np.ndarray:
+        m = np.load(self.path, mmap_mode="r")
+        try:
+            return np.array(m[index])
+        finally:
+            mm = getattr(m, "_mmap", None)
+            del m
+            if mm is not None:
+                mm.close()
+
+
+def spilled_rows(spill_dir: str | Path, class_id: int = 0) -> tuple[list[ChunkFile], int]:
+    """The feature chunks of a spill (read block by block, :class:`ChunkFile`) and their total row count."""
+    chunks = [ChunkFile(p) for p in spill_chunks(spill_dir, class_id)]
     return chunks, sum(len(c) for c in chunks)
 
 

@@ -41,7 +41,7 @@ from trainers.comm import Stats, all_reduce_max, all_reduce_stats, all_reduce_su
 from trainers.data.batches import images_to_tensor, iter_same_size
 from trainers.engine import MetricLogger
 from trainers.inputs import StageInputError, model_input_path
-from trainers.luss.kmeans import assign_blocks, read_sample, spilled_rows, train_kmeans
+from trainers.luss.kmeans import ChunkFile, assign_blocks, read_sample, spilled_rows, train_kmeans
 from trainers.luss.labels import (
     LabelRule,
     attention_histogram,
@@ -187,7 +187,7 @@ def run(spec: StageSpec):
         info = info or read_json(kmeans_file.with_suffix(".json"))
         centroids = np.load(kmeans_file)
         # phase 3: every spilled row to its nearest centroid, in blocks; cluster sizes over the dataset
-        mine = [np.load(c, mmap_mode="r") for c in sorted(spill_dir.glob(f"class-0/chunk-{d.rank}-*.npy")) if not c.name.endswith(".keys.npy")]
+        mine = [ChunkFile(c) for c in sorted(spill_dir.glob(f"class-0/chunk-{d.rank}-*.npy")) if not c.name.endswith(".keys.npy")]
         sizes = np.zeros(len(centroids), dtype=np.int64)
         for _, a in assign_blocks(mine, centroids, gpu=faiss_gpu(p.use_gpu)):
             sizes += np.bincount(a, minlength=len(centroids))

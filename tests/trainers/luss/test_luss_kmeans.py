@@ -39,3 +39,26 @@ def test_blocks_and_samples_read_memory_mapped_chunks_in_order(tmp_path):
     blocks = list(assign_blocks(chunks, cent, block_rows=64))
     assert [p for p, _ in blocks] == [0, 64, 120, 184]
     assert np.array_equal(np.concatenate([a for _, a in blocks]), (x @ cent.T).argmax(1))
+
+
+def test_chunk_files_leave_no_map_behind(tmp_path):
+    """Holding memory maps of every chunk kept every page read resident (the peak RSS of label generation grew with
+    the dataset: 954 MB at 150k rows, 2602 MB at 1.5M); a ChunkFile maps its file only while a block is copied."""
+    from pathlib import Path
+
+    from trainers.luss.kmeans import ChunkFile
+
+    x, _ = _blobs()
+    np.save(tmp_path / "a.npy", x[:120])
+    np.save(tmp_path / "b.npy", x[120:])
+    chunks = [ChunkFile(tmp_path / "a.npy"), ChunkFile(tmp_path / "b.npy")]
+    assert [len(c) for c in chunks] == [120, len(x) - 120] and chunks[0].shape == (120, 8)
+    assert np.array_equal(read_sample(chunks, 1000, 0), x)
+    cent, _ = train_kmeans(x, 4, seed=0)
+    blocks = list(assign_blocks(chunks, cent, block_rows=64))
+    assert np.array_equal(np.concatenate([a for _, a in blocks]), (x @ cent.T).argmax(1))
+    maps = Path("/proc/self/maps").read_text()
+    assert str(tmp_path / "a.npy") not in maps and str(tmp_path / "b.npy") not in maps
+    held = np.load(tmp_path / "a.npy", mmap_mode="r")  # the check can fail: a held map is listed
+    assert str(tmp_path / "a.npy") in Path("/proc/self/maps").read_text()
+    del held
