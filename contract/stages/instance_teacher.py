@@ -63,6 +63,11 @@ class InstanceTeacherParams(TrainParams, InputSizeParams):
         default="random",
         description="With model input init whose class count differs: the class head keeps its random init, or every "
                     "class channel starts from the init model's class-agnostic channel (CaSP sec. 3.2).")
+    init_parts: list[Literal["backbone", "neck", "head"]] = Field(
+        default=["backbone", "neck", "head"], min_length=1,
+        description="With model input init: the parts whose weights come from it (CaSP Table 10): backbone, neck (the "
+                    "pixel decoder), head (the transformer decoder, queries and mask embedding); a part left out keeps "
+                    "its random init. The classifier follows head_init.")
 
     _merge_model = field_validator("model", mode="before")(lambda cls, v: merged_over(MODEL)(v))
 

@@ -141,12 +141,13 @@ def _initialised(cfg, spec: StageSpec, p) -> Segmenter:
     model = Segmenter(cfg)
     try:
         source = read_segmenter_file(model_input_path(spec, "init"))["state_dict"]
-        counts = init_from(model, source, p.head_init)
+        counts = init_from(model, source, p.head_init, p.init_parts)
     except StageInputError:
         raise
     except (FileNotFoundError, ValueError) as e:
         raise StageInputError(f"inputs.models.init: {e}") from e
-    log.info("initialised from inputs.models.init: %d weights copied, class head %s", counts["copied"],
+    log.info("initialised from inputs.models.init (%s): %d weights copied, %d left at random init, class head %s",
+             "+".join(p.init_parts), counts["copied"], counts["kept_random"],
              "from the class-agnostic channel" if counts["head_from_agnostic"] else "copied or random")
     return model
 

@@ -144,6 +144,36 @@ def test_the_class_head_starts_from_the_agnostic_channel_or_at_random():
     assert torch.equal(random.state_dict()[enc], source[enc])
 
 
+def test_init_parts_copy_only_the_parts_named_the_rest_keeps_its_random_init():
+    """CaSP Table 10: backbone, neck (pixel decoder) and head (transformer decoder) transfer one by one."""
+    from trainers.models.config import DecoderConfig, EncoderConfig, SegmenterConfig
+    from trainers.models.init import PARTS, init_from, part_of
+    from trainers.models.segmenter import Segmenter
+
+    def model(classes, seed):
+        torch.manual_seed(seed)
+        return Segmenter(SegmenterConfig(encoder=EncoderConfig(**TINY_MODEL["encoder"]),
+                                         decoder=DecoderConfig(num_classes=classes, **TINY_MODEL["decoder"])))
+
+    source = model(1, 0).state_dict()
+    target = model(3, 1)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    counts = init_from(target, source, "random", ["backbone"])
+    after = target.state_dict()
+    parts = {part_of(k) for k in after}
+    assert set(PARTS) <= parts  # every named part has weights in this model
+    for k, v in after.items():
+        changed = not torch.equal(v, before[k])
+        if part_of(k) == "backbone" and v.is_floating_point() and v.numel() > 1:
+            assert torch.equal(v, source[k])
+        elif part_of(k) in ("neck", "head") and v.is_floating_point() and v.numel() > 1:
+            assert torch.equal(v, before[k]) and not changed
+    assert counts["kept_random"] == sum(part_of(k) in ("neck", "head") for k in after if k in source)
+    assert counts["copied"] == sum(part_of(k) == "backbone" for k in after)
+    with pytest.raises(ValueError, match="unknown init part"):
+        init_from(model(3, 1), source, "random", ["classifier"])
+
+
 def test_labeling_keeps_scores_above_delta_drops_empty_images_and_never_copies_ground_truth(tmp_path, one_rank):
     from trainers.stages.detect_pseudo_label import run
 
