@@ -21,6 +21,7 @@ class PseudoLabelParams(InputSizeParams):
     duplicate_iou: float = Field(default=0.7, ge=0, le=1, description="A part this similar (IoU >) to a better kept part of the same instance is dropped.")
     batch_size: int = Field(default=16, ge=1, description="Images per inference batch.")
     shard_size: int = Field(default=1000, ge=1, description="Samples per output shard.")
+    allow_parts: bool = Field(default=False, description="Read an evaluation split (to measure the pseudo-labels' own quality, as the next round's targets); part labels are never copied.")
 
 
 DEFINITION = StageDefinition(
@@ -29,7 +30,7 @@ DEFINITION = StageDefinition(
     kind="label",
     params=PseudoLabelParams,
     entry="trainers.stages.pseudo_label:run",
-    datasets={"images": "Shards to pseudo-label (object labels)."},
+    datasets={"images": "Shards to pseudo-label (object labels; part masks only with allow_parts)."},
     models={"parts": "The part-proposal model (its teacher alias).",
             "instance_teacher": "The instance teacher whose detections are the instances (objects: detected)."},
     optional=frozenset({"instance_teacher"}),

@@ -44,6 +44,7 @@ class RoundParams(_Strict):
     promotion_metric: str = Field(default="eval/AR_10", description="Metric (measured on the val split) the part-proposal teacher alias moves on (selection.criterion: val).")
     init_from_previous: bool = Field(default=True, description="Rounds after the first start from the previous round's part decoder.")
     later_rounds_lr: float | None = Field(default=5e-4, gt=0, description="Learning rate of rounds after the first (None: the train params' lr).")
+    measure_labels: bool = Field(default=True, description="Also score each round's pseudo-labels (the next round's targets) on the eval split, like the mined proposals: the pseudo-label stage on the eval images (part labels never copied), then evaluate-proposals. A round that does not beat the labels it learnt from shows up as such.")
 
 
 class EvaluationParams(_Strict):

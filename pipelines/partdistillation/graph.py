@@ -48,6 +48,11 @@ def one_stage_evaluate(r: int, split: str = "eval") -> str:
     return f"one-stage-r{r}-{_suffix(split)}"
 
 
+def labels_evaluate(r: int) -> str:
+    """Evaluation on the eval split of round ``r``'s pseudo-labels (round r + 1's targets) made on the eval images."""
+    return f"r{r}-labels-evaluate"
+
+
 def _suffix(split: str) -> str:
     if split not in ("eval", "val", "holdout"):
         raise ValueError(f"unknown split {split!r}: eval, val or holdout")
@@ -56,6 +61,7 @@ def _suffix(split: str) -> str:
 
 STRIPS_EVALUATE, MINED_EVALUATE, KMEANS_EVALUATE, RANK_PARTS = "evaluate-strips", "evaluate-mined", "kmeans-evaluate", "rank-parts"
 KMEANS_TRANSDUCTIVE_EVALUATE = "kmeans-transductive-evaluate"
+KMEANS_DETECTED_EVALUATE = "kmeans-detected-evaluate"  # the same fit on the teacher's detections: Table 3's "no GT object"
 MINE_HOLDOUT, RANK_HOLDOUT, ONE_STAGE_CLUSTER, ONE_STAGE_HOLDOUT = "mine-holdout", "rank-holdout", "one-stage-cluster", "one-stage-cluster-holdout"
 
 
@@ -69,15 +75,22 @@ def selection_splits(cfg: PartDistillationConfig) -> list[str]:
 
 
 def proposal_rows(cfg: PartDistillationConfig) -> list[tuple[str, str]]:
-    """(row label, evaluating stage) of the stage-1 table: naive strips, mined k-means, round 1..R."""
+    """(row label, evaluating stage) of the stage-1 table: naive strips, mined k-means (round 1's targets), round 1..R,
+    each but the last followed by its pseudo-labels (the next round's targets) with ``proposals.measure_labels``."""
     rows = [("naive strips", STRIPS_EVALUATE), ("mined k-means", MINED_EVALUATE)]
-    return rows + [(f"round {r}", proposals_evaluate(r)) for r in range(1, cfg.partdistillation.proposals.rounds + 1)]
+    p = cfg.partdistillation.proposals
+    for r in range(1, p.rounds + 1):
+        rows.append((f"round {r}", proposals_evaluate(r)))
+        if p.measure_labels and r < p.rounds:
+            rows.append((f"round {r} pseudo-labels (round {r + 1} targets)", labels_evaluate(r)))
+    return rows
 
 
 def part_rows(cfg: PartDistillationConfig) -> list[tuple[str, str]]:
     """(row label, evaluating stage) of the Table 3-shaped parts table: k-means, one-stage rounds, PartDistillation rounds."""
     pd, rk = cfg.partdistillation, cfg.partdistillation.ranking
-    rows = [("k-means (pixels, per class; fitted on train)", KMEANS_EVALUATE)] if rk.kmeans_baseline else []
+    kmeans = "k-means (pixels, per class; fitted on train)"  # one method: its GT-object and detected-object rows
+    rows = [(kmeans, KMEANS_EVALUATE), (kmeans, KMEANS_DETECTED_EVALUATE)] if rk.kmeans_baseline else []
     if rk.kmeans_transductive:
         rows.append(("k-means (pixels, per class; transductive: fitted on the eval images)", KMEANS_TRANSDUCTIVE_EVALUATE))
     rows += [(f"one-stage, round {r}", one_stage_evaluate(r)) for r in range(1, pd.one_stage_rounds + 1)]
@@ -217,14 +230,22 @@ def _stage1(cfg: PartDistillationConfig, run: str) -> list[StageSpec]:
                                         datasets={"eval": pd.eval}, models=candidate,
                                         output_dataset=_out(cfg, run, f"predictions-{proposals_evaluate(r)}")))
         if r < pd.proposals.rounds:  # the last round's teacher feeds stage 2 directly
-            specs.append(cfg.new_stage_spec(
-                run, "pseudo-label", f"r{r}-pseudo-label",
-                params={"score_threshold": pd.proposals.pseudo_label_score_threshold, "objects": pd.mining.objects,
-                        "min_part_area": pd.mining.min_part_area, **pd.proposals.pseudo_label},
-                datasets={"images": pd.train},
-                models={"parts": f"models:/{PART_PROPOSALS}@teacher", "instance_teacher": teacher_ref},
-                output_dataset=_out(cfg, run, f"pseudo-r{r}")))
+            labelling = {"score_threshold": pd.proposals.pseudo_label_score_threshold, "objects": pd.mining.objects,
+                         "min_part_area": pd.mining.min_part_area, **pd.proposals.pseudo_label}
+            labeller = {"parts": f"models:/{PART_PROPOSALS}@teacher", "instance_teacher": teacher_ref}
+            specs.append(cfg.new_stage_spec(run, "pseudo-label", f"r{r}-pseudo-label", params=labelling,
+                                            datasets={"images": pd.train}, models=labeller,
+                                            output_dataset=_out(cfg, run, f"pseudo-r{r}")))
             proposals = _out(cfg, run, f"pseudo-r{r}")
+            if pd.proposals.measure_labels:  # the same labeller (alias unchanged until the next round's promotion) on eval
+                specs += [
+                    cfg.new_stage_spec(run, "pseudo-label", f"r{r}-pseudo-label-eval", params={**labelling, "allow_parts": True},
+                                       datasets={"images": pd.eval}, models=labeller,
+                                       output_dataset=_out(cfg, run, f"pseudo-r{r}-eval")),
+                    cfg.new_stage_spec(run, "evaluate-proposals", labels_evaluate(r), params=evaluation,
+                                       datasets={"eval": pd.eval, "proposals": _out(cfg, run, f"pseudo-r{r}-eval")},
+                                       output_dataset=_out(cfg, run, f"predictions-{labels_evaluate(r)}")),
+                ]
     return specs
 
 
@@ -292,6 +313,14 @@ def _stage2(cfg: PartDistillationConfig, run: str) -> list[StageSpec]:
             cfg.new_stage_spec(run, "evaluate-parts", KMEANS_EVALUATE, params={"max_dets": max_dets(cfg), **rk.evaluation, "settings": ["gt"]},
                                datasets={"eval": pd.eval, "labels": _out(cfg, run, "kmeans-eval")},
                                output_dataset=_out(cfg, run, f"predictions-{KMEANS_EVALUATE}")),
+            # without GT objects: the same centroids on the teacher's detections (each labelled by its predicted class)
+            cfg.new_stage_spec(run, "cluster-pixels", "kmeans-eval-detected",
+                               params={**pixels, "objects": "detected", "score_threshold": pd.mining.score_threshold, "allow_parts": True},
+                               datasets={"images": pd.eval, **fitted}, models={"teacher": teacher_ref},
+                               output_dataset=_out(cfg, run, "kmeans-eval-detected")),
+            cfg.new_stage_spec(run, "evaluate-parts", KMEANS_DETECTED_EVALUATE, params={"max_dets": max_dets(cfg), **rk.evaluation, "settings": ["pred"]},
+                               datasets={"eval": pd.eval, "labels": _out(cfg, run, "kmeans-eval-detected")},
+                               output_dataset=_out(cfg, run, f"predictions-{KMEANS_DETECTED_EVALUATE}")),
         ]
     if rk.kmeans_transductive:  # fitted on the eval images themselves: labelled transductive in the table
         specs += [

@@ -141,10 +141,37 @@ def test_label_free_selection_reads_no_part_labels(tmp_path: Path) -> None:
         assert str(tmp_path / "data" / "pw-holdout" / "holdout") in feeding, s.name
         assert not feeding & labelled, (s.name, feeding & labelled)
     assert not any(s.name.endswith("-val") for s in specs)  # no val split needed (none compared)
-    # training and labelling stages read the train split or what the run wrote from it, never a labelled split
+    # training stages, and the labelling stages that make their targets, read the train split or what the run wrote
+    # from it, never a labelled split; a labeller that reads one (allow_parts: the labels' own quality, measured) feeds
+    # only reporting evaluations
+    measured = {s.outputs.dataset for s in specs if s.params.get("allow_parts")}
     for s in specs:
-        if s.stage in ("train-proposals", "train-ranker", "pseudo-label", "rank-parts", "rank-pseudo-label"):
+        if s.stage in ("train-proposals", "train-ranker", "pseudo-label", "rank-parts", "rank-pseudo-label") \
+                and not s.params.get("allow_parts"):
             assert not _datasets_feeding(specs, s) & labelled, s.name
+        if _datasets_feeding(specs, s) & measured:
+            assert s.stage in ("evaluate-proposals", "evaluate-parts") and s.promotion is None, s.name
+
+
+def test_each_rounds_pseudo_labels_are_measured_as_the_next_rounds_targets(tmp_path: Path) -> None:
+    """r1-pseudo-label-eval is r1-pseudo-label on the eval images (same labeller, same filters), then evaluated; the
+    stage-1 table has its row between round 1 and round 2."""
+    from pipelines.partdistillation import graph
+
+    cfg = _config(tmp_path, criterion="val")
+    specs = {s.name: s for s in cfg.stage_specs("t")}
+    train, measured = specs["r1-pseudo-label"], specs["r1-pseudo-label-eval"]
+    assert measured.params == {**train.params, "allow_parts": True}
+    assert {k: m.uri for k, m in measured.inputs.models.items()} == {k: m.uri for k, m in train.inputs.models.items()}
+    assert measured.inputs.datasets["images"].path == str(tmp_path / "data" / "pw" / "eval")
+    assert specs[graph.labels_evaluate(1)].inputs.datasets["proposals"].path == measured.outputs.dataset
+    assert "r2-pseudo-label-eval" not in specs  # the last round makes no labels
+    names = [name for _, name in graph.proposal_rows(cfg)]
+    assert names.index("r1-evaluate") < names.index(graph.labels_evaluate(1)) < names.index("r2-evaluate")
+    order = list(specs)  # the labeller's alias must not move between the two labelling stages
+    assert order.index("r1-pseudo-label") < order.index("r1-pseudo-label-eval") < order.index("r2-train-proposals")
+    cfg.partdistillation.proposals.measure_labels = False
+    assert not any("pseudo-label-eval" in s.name for s in cfg.stage_specs("t"))
 
 
 def test_label_free_selection_needs_held_out_images(tmp_path: Path) -> None:
@@ -172,6 +199,11 @@ def test_one_stage_baseline_has_partdistillations_decoder_and_rounds(tmp_path: P
     kmeans = specs["kmeans-eval"]
     assert kmeans.inputs.datasets["centroids"].path == specs["one-stage-cluster"].outputs.dataset
     assert specs["one-stage-cluster"].inputs.datasets["images"].path == str(tmp_path / "data" / "pw" / "train")
+    # without GT objects (Table 3's "no" rows): the same fit on the teacher's detections, scored in the pred setting
+    detected = specs["kmeans-eval-detected"]
+    assert detected.params["objects"] == "detected" and detected.inputs.datasets["centroids"].path == kmeans.inputs.datasets["centroids"].path
+    assert specs["kmeans-detected-evaluate"].params["settings"] == ["pred"]
+    assert specs["kmeans-detected-evaluate"].inputs.datasets["labels"].path == detected.outputs.dataset
 
 
 def test_every_table_row_is_a_valid_mlflow_metric_name(tmp_path: Path) -> None:

@@ -48,4 +48,4 @@ def run(spec: StageSpec):
 
         return label
 
-    return sm.run(labeller, PseudoLabelStats())
+    return sm.run(labeller, PseudoLabelStats(), allow_parts=p.allow_parts)
