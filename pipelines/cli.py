@@ -362,11 +362,15 @@ def predict_cmd(
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Keep at most this many predictions per image (default: the model's own)."),
     min_size: Optional[int] = typer.Option(None, "--min-size", min=1, help="The model sees each image with its shorter side at this size, as the stages' min_size param; predictions come back at the dataset's resolution."),
     max_size: Optional[int] = typer.Option(None, "--max-size", min=1, help="...and its longer side at most this (the stages' max_size param)."),
+    pixel_assignment: str = typer.Option("soft", "--pixel-assignment", help="A part ranker's cluster map: soft (every object pixel to its likeliest part) or mask (binary masks; pixels none covers unassigned), as evaluate-parts' param."),
 ) -> None:
     """A registered model's predictions on a dataset as COCO results files (RLE masks, scores; parts: object class, cluster)."""
     from pipelines.partdistillation import predict
 
-    for path in _guard(predict.predict, model, dataset, output, config, instance_teacher, top_k, min_size, max_size).values():
+    if pixel_assignment not in ("soft", "mask"):
+        raise typer.BadParameter(f"{pixel_assignment!r}: soft or mask", param_hint="--pixel-assignment")
+    for path in _guard(predict.predict, model, dataset, output, config, instance_teacher, top_k, min_size, max_size,
+                       pixel_assignment).values():
         out.print(f"wrote {path}", soft_wrap=True, highlight=False)
 
 

@@ -16,6 +16,7 @@ class EvaluatePartsParams(InputSizeParams):
     max_dets: tuple[int, ...] = Field(default=(1, 10, 50, 100, 200), min_length=1, description="The k of the class-agnostic AR@k of the part masks.")
     object_score_threshold: float = Field(default=0.5, ge=0, le=1, description="Detections kept with score > this (setting pred).")
     max_detections: int = Field(default=20, ge=1, description="Instance-teacher predictions considered per image (setting pred).")
+    pixel_assignment: Literal["mask", "soft"] = Field(default="soft", description="A model's cluster map: each object pixel goes to argmax_i M_i(x) s_i over the object's parts (eq. 1 assignment), M_i the binary mask (mask: pixels no part covers stay unassigned) or the mask probability (soft: Mask2Former's semantic inference within the object, every pixel of an object with parts assigned, as a labels dataset's k-means clusters are: the default, so a model and the k-means baseline are scored alike).")
     batch_size: int = Field(default=8, ge=1, description="Images per inference batch.")
     reference: Literal["parts", "pseudo_labels"] = Field(default="parts", description="The ground truth: the eval dataset's part masks, or its proposals' cluster ids (a pseudo-labeller's clusters on held-out images without part labels: the label-free selection criterion; a dataset with part labels is refused).")
 

@@ -44,6 +44,7 @@ class RoundParams(_Strict):
     promotion_metric: str = Field(default="eval/AR_10", description="Metric (measured on the val split) the part-proposal teacher alias moves on (selection.criterion: val).")
     init_from_previous: bool = Field(default=True, description="Rounds after the first start from the previous round's part decoder.")
     later_rounds_lr: float | None = Field(default=5e-4, gt=0, description="Learning rate of rounds after the first (None: the train params' lr).")
+    later_rounds_augment: Literal["flip", "strong"] | None = Field(default=None, description="Augmentation of the rounds after the first, the self-training students (sec. 2: the student predicts the teacher's output from a strongly augmented input); round 1 learns the mined proposals with the train params' augment. None: the train params' augment in every round.")
     measure_labels: bool = Field(default=True, description="Also score each round's pseudo-labels (the next round's targets) on the eval split, like the mined proposals: the pseudo-label stage on the eval images (part labels never copied), then evaluate-proposals. A round that does not beat the labels it learnt from shows up as such.")
 
 

@@ -216,6 +216,8 @@ def _stage1(cfg: PartDistillationConfig, run: str) -> list[StageSpec]:
             models["init"] = f"stage:r{r - 1}-train-proposals"
         if r > 1 and pd.proposals.later_rounds_lr is not None:
             params.setdefault("lr", pd.proposals.later_rounds_lr)
+        if r > 1 and pd.proposals.later_rounds_augment is not None:
+            params.setdefault("augment", pd.proposals.later_rounds_augment)
         candidate = {"candidate": f"stage:{train}"}
         specs.append(cfg.new_stage_spec(run, "train-proposals", train, params=params, datasets={"proposals": proposals},
                                         models=models, output_model=PART_PROPOSALS))

@@ -16,9 +16,11 @@ from contract.models import resolve_model
 
 
 def predict(model: str, dataset: Path, output: Path, config: Path | None = None, instance_teacher: str | None = None,
-            top_k: int | None = None, min_size: int | None = None, max_size: int | None = None) -> dict[str, str]:
+            top_k: int | None = None, min_size: int | None = None, max_size: int | None = None,
+            pixel_assignment: str = "soft") -> dict[str, str]:
     """Write ``model``'s predictions on ``dataset`` into the folder ``output``; returns file name -> path. ``min_size`` /
-    ``max_size``: the input size the model sees (as the stages' params; predictions at the dataset's resolution)."""
+    ``max_size``: the input size the model sees (as the stages' params; predictions at the dataset's resolution);
+    ``pixel_assignment``: a part ranker's cluster map (evaluate-parts' param of that name)."""
     tracking_uri = None
     registered = any(str(m).startswith("models:/") for m in (model, instance_teacher) if m)
     if registered and config is not None:
@@ -34,6 +36,7 @@ def predict(model: str, dataset: Path, output: Path, config: Path | None = None,
             cmd += ["--instance-teacher", str(resolve_model(instance_teacher, tracking_uri, dst=Path(tmp) / "teacher"))]
         if top_k:
             cmd += ["--top-k", str(top_k)]
+        cmd += ["--pixel-assignment", pixel_assignment]
         for flag, v in (("--min-size", min_size), ("--max-size", max_size)):
             cmd += [flag, str(v)] if v else []
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -44,11 +44,12 @@ def labels_predictions(record: dict, proposals: list[dict], setting: str) -> tup
 
 @torch.no_grad()
 def model_predictions(model, label_map, x: torch.Tensor, objects: list[tuple[torch.Tensor, list[int]]],
-                      top_k: int) -> list[tuple[np.ndarray, np.ndarray, list[dict]]]:
+                      top_k: int, soft: bool = False) -> list[tuple[np.ndarray, np.ndarray, list[dict]]]:
     """Per image of a same-size batch ``x``: (cluster map, object class map, AR proposals) of the ranker conditioned
-    on ``objects[b] = (masks [J, H, W] bool, category ids)``."""
+    on ``objects[b] = (masks [J, H, W] bool, category ids)``; ``soft``: pixels owned by mask probability
+    (``predict_part_labels``)."""
     h, w = x.shape[-2:]
-    maps = predict_part_labels(model, x, [m for m, _ in objects], [c for _, c in objects], label_map)
+    maps = predict_part_labels(model, x, [m for m, _ in objects], [c for _, c in objects], label_map, soft=soft)
     outputs = model(x.to(next(model.parameters()).device))
     out = []
     for b, (masks, classes) in enumerate(objects):
@@ -104,11 +105,11 @@ def decode_segments(segments: list[dict], height: int, width: int) -> tuple[np.n
 
 @torch.no_grad()
 def ranker_file_predictions(model, label_map, x: torch.Tensor, objects: list[tuple[torch.Tensor, list[int]]], top_k: int,
-                            with_objects: bool) -> list[dict]:
+                            with_objects: bool, soft: bool = False) -> list[dict]:
     """Per image of a same-size batch: the ranker's prediction in file form (``segments``, ``proposals`` and, with
     ``with_objects``, the conditioning ``objects`` as ``{"category_id", "segmentation"}``)."""
     out = []
-    for (masks, cats), (clusters, classes, props) in zip(objects, model_predictions(model, label_map, x, objects, top_k)):
+    for (masks, cats), (clusters, classes, props) in zip(objects, model_predictions(model, label_map, x, objects, top_k, soft)):
         m = masks.cpu().numpy().astype(bool)
         pred = {"segments": encode_segments(clusters, classes, object_index_map(m, *clusters.shape)), "proposals": props}
         if with_objects:
@@ -228,7 +229,7 @@ def score_part_prediction(clustering, recall, record: dict, prediction: dict, gt
 @torch.no_grad()
 def predict_to_files(model_path, dataset: str, out_dir, instance_teacher=None, batch_size: int = 8, top_k: int | None = None,
                      object_score_threshold: float = 0.5, max_detections: int = 20, min_size: int | None = None,
-                     max_size: int | None = None) -> dict[str, str]:
+                     max_size: int | None = None, pixel_assignment: str = "soft") -> dict[str, str]:
     """A model file's predictions on ``dataset`` as the COCO files its evaluating stage writes, by the file's kind:
 
     - a part ranker (``train-ranker``): ``write_part_results`` layout, setting ``gt`` (conditioned on the dataset's
@@ -236,7 +237,8 @@ def predict_to_files(model_path, dataset: str, out_dir, instance_teacher=None, b
     - a class-agnostic part model (``train-proposals``): ``images.json`` + ``proposals.json`` (its top_k masks);
     - an instance model: ``images.json`` + ``results.json`` (COCO instance results), as evaluate-instances.
     ``min_size`` / ``max_size``: the input size the models see (``trainers.data.batches.InputSize``; the masks come
-    back at the dataset's resolution). Returns file name -> path."""
+    back at the dataset's resolution). ``pixel_assignment``: a ranker's cluster map, as evaluate-parts' param of that
+    name (soft or mask). Returns file name -> path."""
     from pathlib import Path
 
     from contract.io import write_json
@@ -271,7 +273,8 @@ def predict_to_files(model_path, dataset: str, out_dir, instance_teacher=None, b
                 for s in settings:
                     dets = teacher.predict(x, top_k=max_detections) if s == "pred" else [None] * len(idx)
                     objs = [image_objects(r, d, object_score_threshold, categories, x.device) for r, d in zip(recs, dets)]
-                    preds[s] += ranker_file_predictions(model, lmap, x, [(m, c) for m, _, c in objs], k, with_objects=s == "pred")
+                    preds[s] += ranker_file_predictions(model, lmap, x, [(m, c) for m, _, c in objs], k, with_objects=s == "pred",
+                                                      soft=pixel_assignment == "soft")
                 continue
             for i, p in zip(idx, model.predict(x, top_k=k)):
                 rles, scores = encode_masks(p.masks.cpu().numpy()), p.scores.tolist()
@@ -306,9 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--min-size", type=int, default=None, help="Shortest edge the models see (default: as stored).")
     ap.add_argument("--max-size", type=int, default=None, help="Longest edge the models see at most.")
+    ap.add_argument("--pixel-assignment", choices=("soft", "mask"), default="soft",
+                    help="A part ranker's cluster map, as evaluate-parts' pixel_assignment param.")
     a = ap.parse_args(argv)
     files = predict_to_files(a.model, a.dataset, a.out, a.instance_teacher, a.batch_size, a.top_k,
-                             min_size=a.min_size, max_size=a.max_size)
+                             min_size=a.min_size, max_size=a.max_size, pixel_assignment=a.pixel_assignment)
     print(json.dumps(files))
 
 

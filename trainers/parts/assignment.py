@@ -17,11 +17,14 @@ def part_predictions(model, images: torch.Tensor):
     return model.predict(images, top_k=model.cfg.decoder.num_queries * model.cfg.decoder.num_classes)
 
 
-def pixel_owners(part_masks: torch.Tensor, part_scores: torch.Tensor, object_masks: torch.Tensor) -> torch.Tensor:
+def pixel_owners(part_masks: torch.Tensor, part_scores: torch.Tensor, object_masks: torch.Tensor,
+                 soft_masks: torch.Tensor | None = None) -> torch.Tensor:
     """Which part owns each pixel of each object (PartDistillation sec. 4.3): ``[J, H, W]`` part index or -1.
 
     Parts go to the object of highest IoU (eq. 1); within object j a pixel goes to ``argmax_i M_i(x) s_i`` over
-    the parts assigned to j; pixels outside the object, or covered by none of its parts, are -1.
+    the parts assigned to j; pixels outside the object, or covered by none of its parts, are -1. ``M_i`` is the
+    binary mask, or with ``soft_masks`` (``[N, H, W]`` mask probabilities) the probability: then every pixel of an
+    object with at least one part is owned (Mask2Former's semantic inference, within the object).
     """
     j_count, h, w = object_masks.shape
     owners = torch.full((j_count, h, w), -1, dtype=torch.int64, device=object_masks.device)
@@ -29,7 +32,7 @@ def pixel_owners(part_masks: torch.Tensor, part_scores: torch.Tensor, object_mas
         return owners
     iou, _ = masks_iou(part_masks, object_masks)
     best, assign = iou.max(1)
-    weighted = part_masks.float() * part_scores.float().clamp(min=1e-6)[:, None, None]
+    weighted = (part_masks.float() if soft_masks is None else soft_masks.float()) * part_scores.float().clamp(min=1e-6)[:, None, None]
     for j in range(j_count):
         mine = torch.nonzero((assign == j) & (best > 0))[:, 0]
         if mine.numel() == 0:

@@ -75,7 +75,7 @@ def class_conditioned_parts(logits: torch.Tensor, mask_logits: torch.Tensor, obj
 
 @torch.no_grad()
 def predict_part_labels(model, images: torch.Tensor, object_masks: list[torch.Tensor],
-                        object_classes: list[list[int]], label_map: LabelMap) -> list[np.ndarray]:
+                        object_classes: list[list[int]], label_map: LabelMap, soft: bool = False) -> list[np.ndarray]:
     """Part cluster ids per pixel for evaluation (PartDistillation sec. 5.1, "GT object" setting).
 
     ``images [B, 3, H, W]``; per image ``object_masks[b]`` bool ``[J, H, W]`` and ``object_classes[b]`` their J
@@ -83,7 +83,8 @@ def predict_part_labels(model, images: torch.Tensor, object_masks: list[torch.Te
     object's class) of the part that owns the pixel (``argmax_i M_i(x) s_i`` over the parts assigned to the object,
     scored within its class), -1 elsewhere (background, objects of classes without clusters, uncovered pixels).
     Later objects paint over earlier ones. The object-class map for ``PartClusteringEvaluator.process`` is the one
-    the objects paint (``paint_label_map(object RLEs, classes, H, W)``), or None for GT objects.
+    the objects paint (``paint_label_map(object RLEs, classes, H, W)``), or None for GT objects. ``soft``: ``M_i`` is
+    the mask probability, so no pixel of an object with parts is left uncovered (``pixel_owners``).
     """
     outputs = model(images.to(next(model.parameters()).device))
     out = []
@@ -91,7 +92,11 @@ def predict_part_labels(model, images: torch.Tensor, object_masks: list[torch.Te
         om = object_masks[b].to(outputs["pred_masks"].device).bool()
         masks, scores, clusters = class_conditioned_parts(outputs["pred_logits"][b], outputs["pred_masks"][b], om,
                                                           list(object_classes[b]), label_map)
-        owners = pixel_owners(masks, scores, om)
+        probs = None
+        if soft:
+            probs = F.interpolate(outputs["pred_masks"][b][None].float(), size=tuple(om.shape[-2:]), mode="bilinear",
+                                  align_corners=False)[0].sigmoid()
+        owners = pixel_owners(masks, scores, om, probs)
         labels = torch.full(tuple(om.shape[-2:]), -1, dtype=torch.int64, device=om.device)
         for j in range(om.shape[0]):
             sel = owners[j] >= 0

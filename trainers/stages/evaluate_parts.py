@@ -224,7 +224,8 @@ def _process_model(ev: _Evaluators, src: _Sources, p, keys, images, records, cat
                 objs = [image_objects(r, pr, p.object_score_threshold, categories, device) for r, pr in zip(recs, dets)]
                 ev.counts[2] += sum(len(o[1]) for o in objs)
             for b, pred in enumerate(ranker_file_predictions(src.model, src.label_map, x, [(m, cats) for m, _, cats in objs],
-                                                             top_k=max(p.max_dets), with_objects=s == "pred")):
+                                                             top_k=max(p.max_dets), with_objects=s == "pred",
+                                                             soft=p.pixel_assignment == "soft")):
                 preds[b][s] = pred
         for b, i in enumerate(idx):
             ev.score(keys[i], records[i], preds[b], gt_objects=True)

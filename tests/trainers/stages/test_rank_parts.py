@@ -80,6 +80,24 @@ def test_pixels_go_to_the_most_confident_part_of_the_object_of_highest_iou():
     assert segs[1] == [] and stats.dropped_small == 1 and stats.dropped_low_score == 1
 
 
+def test_soft_ownership_leaves_no_pixel_of_an_object_with_parts_uncovered():
+    """evaluate-parts' pixel_assignment soft: M_i(x) is the mask probability, so the pixel the binary masks leave
+    uncovered goes to the part most likely there; the assignment of parts to objects is the binary one (eq. 1)."""
+    obj = torch.zeros(2, 4, 8, dtype=torch.bool)
+    obj[0, :, :4] = True
+    obj[1, :, 4:] = True
+    parts = torch.zeros(2, 4, 8, dtype=torch.bool)
+    parts[0, :, :2] = True  # object 0; column 2-3 covered by no binary mask
+    parts[1, :, 5:] = True  # object 1; column 4 uncovered
+    probs = parts.float() * 0.9 + 0.05
+    probs[0, :, 2] = 0.4  # part 0 is likelier than part 1 there (part 1 belongs to object 1 anyway)
+    binary = pixel_owners(parts, torch.tensor([0.8, 0.7]), obj)
+    assert (binary[0, :, 2:4] == -1).all() and (binary[1, :, 4] == -1).all()
+    soft = pixel_owners(parts, torch.tensor([0.8, 0.7]), obj, probs)
+    assert (soft[0][obj[0]] == 0).all() and (soft[1][obj[1]] == 1).all()
+    assert (soft[0][~obj[0]] == -1).all() and (soft[1][~obj[1]] == -1).all()
+
+
 def test_labels_are_cluster_ids_below_k_c_of_each_class(tmp_path, world, one_rank):
     res = run(rank(tmp_path, world))
     m = res.metrics
