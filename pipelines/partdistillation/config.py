@@ -40,6 +40,7 @@ class RoundParams(_Strict):
     rounds: int = Field(default=2, ge=1, description="R: rounds of train -> evaluate -> promote -> pseudo-label.")
     train: dict[str, Any] = stage_params("train-proposals", "Overrides of the train-proposals trainer's params (steps, lr, queries, ...).")
     pseudo_label_score_threshold: float = Field(default=0.5, ge=0, le=1, description="Predicted parts below this score are not kept as pseudo-labels.")
+    objects: Literal["detected", "gt"] | None = Field(default=None, description="Instances the pseudo-labels are kept in and clipped to (sec. 4.2's filter): the train split's object labels (gt; the method reads object labels, never part labels, and stage 2 assigns parts to them by default) or the instance teacher's detections (detected). None: as mining.objects.")
     pseudo_label: dict[str, Any] = stage_params("pseudo-label", "Further pseudo-label params passed through.")
     promotion_metric: str = Field(default="eval/AR_10", description="Metric (measured on the val split) the part-proposal teacher alias moves on (selection.criterion: val).")
     init_from_previous: bool = Field(default=True, description="Rounds after the first start from the previous round's part decoder.")

@@ -232,7 +232,8 @@ def _stage1(cfg: PartDistillationConfig, run: str) -> list[StageSpec]:
                                         datasets={"eval": pd.eval}, models=candidate,
                                         output_dataset=_out(cfg, run, f"predictions-{proposals_evaluate(r)}")))
         if r < pd.proposals.rounds:  # the last round's teacher feeds stage 2 directly
-            labelling = {"score_threshold": pd.proposals.pseudo_label_score_threshold, "objects": pd.mining.objects,
+            labelling = {"score_threshold": pd.proposals.pseudo_label_score_threshold,
+                         "objects": pd.proposals.objects or pd.mining.objects,
                          "min_part_area": pd.mining.min_part_area, **pd.proposals.pseudo_label}
             labeller = {"parts": f"models:/{PART_PROPOSALS}@teacher", "instance_teacher": teacher_ref}
             specs.append(cfg.new_stage_spec(run, "pseudo-label", f"r{r}-pseudo-label", params=labelling,

@@ -174,6 +174,25 @@ def test_each_rounds_pseudo_labels_are_measured_as_the_next_rounds_targets(tmp_p
     assert not any("pseudo-label-eval" in s.name for s in cfg.stage_specs("t"))
 
 
+def test_self_training_students_and_their_labels_follow_the_rounds_settings(tmp_path: Path) -> None:
+    """later_rounds_augment reaches rounds 2.. only (round 1 learns the mined proposals); proposals.objects sets the
+    instances the pseudo-labels are kept in, defaulting to mining.objects; a train param of the user's wins."""
+    cfg = _config(tmp_path, criterion="val")
+    specs = {s.name: s for s in cfg.stage_specs("t")}
+    assert "augment" not in specs["r1-train-proposals"].params and "augment" not in specs["r2-train-proposals"].params
+    assert specs["r1-pseudo-label"].params["objects"] == "gt"  # mining.objects of CONFIG
+    cfg.partdistillation.mining.objects = "detected"
+    cfg.partdistillation.proposals.later_rounds_augment = "strong"
+    specs = {s.name: s for s in cfg.stage_specs("t")}
+    assert specs["r1-pseudo-label"].params["objects"] == "detected" == specs["r1-pseudo-label-eval"].params["objects"]
+    assert "augment" not in specs["r1-train-proposals"].params and specs["r2-train-proposals"].params["augment"] == "strong"
+    cfg.partdistillation.proposals.objects = "gt"
+    cfg.partdistillation.proposals.train = {"augment": "flip", "steps": 3}
+    specs = {s.name: s for s in cfg.stage_specs("t")}
+    assert specs["r1-pseudo-label"].params["objects"] == "gt" and specs["mine-train"].params["objects"] == "detected"
+    assert specs["r2-train-proposals"].params["augment"] == "flip"
+
+
 def test_label_free_selection_needs_held_out_images(tmp_path: Path) -> None:
     from pipelines.config import SpecError
 
