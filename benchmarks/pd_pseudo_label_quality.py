@@ -72,7 +72,7 @@ def main() -> None:
         counts = result(a.out / tag / "label")["metrics"]
         m = result(a.out / tag / "evaluate")["metrics"]
         row = {"score_threshold": t, "params": extra, **{k: v for k, v in m.items() if k.startswith("eval/AR_")},
-               "labels_per_image": counts.get("pseudo-label/proposals_per_image", counts.get("pseudo-labels/labelled")),
+               "labels_per_image": counts.get("pseudo_label/proposals_per_image"),
                "label_counts": counts, "seconds": time.perf_counter() - t0}
         report["rows"].append(row)
         print(f"labels at score > {t:g}: AR@10 {100 * m['eval/AR_10']:.2f}  "
