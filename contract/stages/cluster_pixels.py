@@ -19,6 +19,7 @@ class ClusterPixelsParams(InputSizeParams):
     objects: Literal["detected", "gt"] = Field(default="detected", description="Instances: the teacher's detections (class = its predicted class) or the records' objects.")
     score_threshold: float = Field(default=0.5, ge=0, le=1, description="Detections kept with score > this (objects: detected).")
     max_detections: int = Field(default=20, ge=1, description="Teacher predictions considered per image.")
+    object_nms_iou: float | None = Field(default=None, gt=0, le=1, description="objects detected: a detection whose mask overlaps a better-scored one with IoU above this is dropped, whatever its class (the teacher's duplicates; as evaluate-parts' param of that name); None: every detection above score_threshold.")
     min_object_area: float = Field(default=0.01, ge=0, le=1, description="Instances smaller than this fraction of the image are skipped.")
     min_part_area: float = Field(default=0.0, ge=0, le=1, description="Clusters of an instance smaller than this fraction of it are dropped.")
     feature_levels: tuple[int, ...] = Field(default=(0, 1), min_length=1, description="Indices into Segmenter.pixel_features (as mine-parts: mask features + stride 8).")

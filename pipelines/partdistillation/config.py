@@ -69,6 +69,7 @@ class RankingParams(_Strict):
     one_stage_rounds: int | None = Field(default=None, ge=0, description="Self-training rounds of the one-stage baseline (0: skip that baseline; None: as many as PartDistillation's, proposals.rounds + ranking.rounds; the paper runs two).")
     kmeans_baseline: bool = Field(default=True, description="Evaluate dataset-level k-means of pixel features per class alone: fitted on the train split, applied to the eval split.")
     kmeans_transductive: bool = Field(default=False, description="Also evaluate k-means fitted on the eval images themselves (labelled transductive in the table).")
+    object_nms_iou: float | None = Field(default=0.5, gt=0, le=1, description="Without GT objects (Table 3's 'no' rows), the instance teacher's detections are deduplicated: one whose mask overlaps a better-scored one with IoU above this is dropped, whatever its class, for every model and the k-means baseline alike. The teacher's duplicates otherwise split a ranker's parts between copies of one object (BENCHMARKS.md). None: every detection above the score threshold.")
     promotion_metric: str = Field(default="eval/gt/miou", description="Metric (measured on the val split) the ranker's teacher alias moves on (selection.criterion: val).")
     evaluation: dict[str, Any] = stage_params("evaluate-parts", "Further evaluate-parts params passed through.")
     purity_grids: bool = Field(default=True, description="Write 3x3 purity grids per (object class, part cluster) with an HTML index.")

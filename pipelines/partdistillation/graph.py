@@ -258,18 +258,20 @@ def _evaluations(cfg: PartDistillationConfig, run: str, train: str, model: str, 
     only, as the promotion metric needs) and on the eval split (both settings: the reported figures)."""
     pd = cfg.partdistillation
     evaluation = {"max_dets": max_dets(cfg), **pd.ranking.evaluation}
+    dedup = {"object_nms_iou": pd.ranking.object_nms_iou}  # only where the pred setting (detections) is evaluated
     models = {"candidate": f"stage:{train}", "instance_teacher": "stage:instance-teacher"}
     specs = []
     for split in selection_splits(cfg):
         name = name_of(r, split)
-        params = {**evaluation, "settings": _setting_of(selection_metric(cfg, model, split))}
+        settings = _setting_of(selection_metric(cfg, model, split))
+        params = {**evaluation, **(dedup if "pred" in settings else {}), "settings": settings}
         data = {"eval": pd.val}
         if split == "holdout":
             params["reference"], data = "pseudo_labels", {"eval": holdout_labels}
         specs.append(cfg.new_stage_spec(run, "evaluate-parts", name, params=params, datasets=data, models=models,
                                         output_dataset=_out(cfg, run, f"predictions-{name}"),
                                         promotion=_promotion(cfg, model, split)))
-    specs.append(cfg.new_stage_spec(run, "evaluate-parts", name_of(r), params=evaluation, datasets={"eval": pd.eval},
+    specs.append(cfg.new_stage_spec(run, "evaluate-parts", name_of(r), params={**dedup, **evaluation}, datasets={"eval": pd.eval},
                                     models=models, output_dataset=_out(cfg, run, f"predictions-{name_of(r)}")))
     return specs
 
@@ -318,7 +320,8 @@ def _stage2(cfg: PartDistillationConfig, run: str) -> list[StageSpec]:
                                output_dataset=_out(cfg, run, f"predictions-{KMEANS_EVALUATE}")),
             # without GT objects: the same centroids on the teacher's detections (each labelled by its predicted class)
             cfg.new_stage_spec(run, "cluster-pixels", "kmeans-eval-detected",
-                               params={**pixels, "objects": "detected", "score_threshold": pd.mining.score_threshold, "allow_parts": True},
+                               params={**pixels, "objects": "detected", "score_threshold": pd.mining.score_threshold,
+                                       "object_nms_iou": rk.object_nms_iou, "allow_parts": True},
                                datasets={"images": pd.eval, **fitted}, models={"teacher": teacher_ref},
                                output_dataset=_out(cfg, run, "kmeans-eval-detected")),
             cfg.new_stage_spec(run, "evaluate-parts", KMEANS_DETECTED_EVALUATE, params={"max_dets": max_dets(cfg), **rk.evaluation, "settings": ["pred"]},

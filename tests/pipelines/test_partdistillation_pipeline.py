@@ -222,6 +222,9 @@ def test_one_stage_baseline_has_partdistillations_decoder_and_rounds(tmp_path: P
     detected = specs["kmeans-eval-detected"]
     assert detected.params["objects"] == "detected" and detected.inputs.datasets["centroids"].path == kmeans.inputs.datasets["centroids"].path
     assert specs["kmeans-detected-evaluate"].params["settings"] == ["pred"]
+    # the same deduplicated detections for the k-means baseline and every model's "no GT object" evaluation
+    assert detected.params["object_nms_iou"] == 0.5 == specs["f1-evaluate"].params["object_nms_iou"]
+    assert specs["one-stage-r1-evaluate"].params["object_nms_iou"] == 0.5
     assert specs["kmeans-detected-evaluate"].inputs.datasets["labels"].path == detected.outputs.dataset
 
 

@@ -35,12 +35,21 @@ def detected_objects(pred, record: dict, score_threshold: float) -> tuple[torch.
     return masks, ids
 
 
-def image_objects(record: dict, pred, score_threshold: float, categories: list[dict], device):
+def image_objects(record: dict, pred, score_threshold: float, categories: list[dict], device,
+                  nms_iou: float | None = None):
     """(masks [J, H, W], ids, category ids) of one image's objects: the record's (``pred`` None) or the detections
-    of ``pred`` (class = the detector's predicted class, an index into ``categories``)."""
+    of ``pred`` (class = the detector's predicted class, an index into ``categories``). ``nms_iou``: a detection
+    whose mask overlaps a better-scored kept one with IoU above it is dropped, whatever the classes (duplicates)."""
     if pred is None:
         masks, ids = gt_objects(record, device)
         return masks, ids, [int(o["category_id"]) for o in record.get("objects", [])]
     keep = kept_detections(pred, score_threshold)
     masks, ids = detected_objects(pred, record, score_threshold)
-    return masks, ids, [int(categories[int(label)]["id"]) for label in pred.labels[keep]]
+    cats = [int(categories[int(label)]["id"]) for label in pred.labels[keep]]
+    if nms_iou is not None and len(cats) > 1:
+        from trainers.data.pseudo_labels import mask_nms
+
+        order = mask_nms(masks, pred.scores[keep], torch.zeros(len(cats), dtype=torch.int64), nms_iou).tolist()
+        order.sort()  # painting order as before: later detections paint over earlier ones
+        masks, ids, cats = masks[order], [ids[i] for i in order], [cats[i] for i in order]
+    return masks, ids, cats

@@ -47,6 +47,18 @@ class _Predicted:
         return self.preds
 
 
+def _not_duplicates(masks: torch.Tensor, scores: torch.Tensor, nms_iou: float | None) -> list[bool]:
+    """Per kept detection, False when a better-scored one overlaps its mask with IoU > ``nms_iou`` whatever the
+    classes (the same rule as evaluate-parts' object_nms_iou); all True without ``nms_iou``."""
+    n = int(scores.numel())
+    if nms_iou is None or n < 2:
+        return [True] * n
+    from trainers.data.pseudo_labels import mask_nms
+
+    kept = set(mask_nms(masks, scores, torch.zeros(n, dtype=torch.int64), nms_iou).tolist())
+    return [i in kept for i in range(n)]
+
+
 class BatchInstances:
     """One forward pass over a batch of same-size images: its feature levels and its kept instances (with class)."""
 
@@ -61,10 +73,12 @@ class BatchInstances:
         else:
             preds = model.predict(images, top_k=p.max_detections)
             insts = detected_instances(_Predicted(preds), images, records, p)  # mine-parts' selection, same order
-            classes = []
+            classes, unique = [], []
             for pred in preds:
                 keep = (pred.scores > p.score_threshold) & pred.masks.flatten(1).any(1)
                 classes += [class_of_label[int(lab)] for lab in pred.labels[keep].tolist()]
+                unique += _not_duplicates(pred.masks[keep], pred.scores[keep], p.object_nms_iou)
+            insts, classes = [i for i, u in zip(insts, unique) if u], [c for c, u in zip(classes, unique) if u]
         min_area = max(1.0, p.min_object_area * self.height * self.width)
         self.instances = [(i, c) for i, c in zip(insts, classes) if int(i.mask.sum()) >= min_area]
         if count:

@@ -221,7 +221,8 @@ def _process_model(ev: _Evaluators, src: _Sources, p, keys, images, records, cat
                 objs = [image_objects(r, None, p.object_score_threshold, categories, device) for r in recs]
             else:
                 dets = src.teacher.predict(x, top_k=p.max_detections)
-                objs = [image_objects(r, pr, p.object_score_threshold, categories, device) for r, pr in zip(recs, dets)]
+                objs = [image_objects(r, pr, p.object_score_threshold, categories, device, p.object_nms_iou)
+                        for r, pr in zip(recs, dets)]
                 ev.counts[2] += sum(len(o[1]) for o in objs)
             for b, pred in enumerate(ranker_file_predictions(src.model, src.label_map, x, [(m, cats) for m, _, cats in objs],
                                                              top_k=max(p.max_dets), with_objects=s == "pred",
