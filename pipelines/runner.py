@@ -226,13 +226,14 @@ def _ensure_workspace_repo(cfg: PipelineConfig, specs: list[StageSpec]) -> None:
 def run_stage(cfg: PipelineConfig, spec: StageSpec, run: str, parent_run_id: str, lineage: Any, executor: Executor,
               depends_on: list[str] = (), echo: Callable[[str], None] = print) -> StageOutcome:
     """One stage: skip it when done for the same fingerprint, else submit its job, watch it and read its outcome."""
-    try:
-        resolved = lineage.retry(f"resolving the inputs of stage {spec.name}", lambda: stage_job.resolve(spec, run, lineage), echo)
+    workdir = Path(spec.outputs.workdir)
+    marker, result = read_json(workdir / MARKER), read_json(workdir / "result.json")
+    try:  # a finished stage's alias inputs resolve to what it ran with (stage_job.resolve)
+        resolved = lineage.retry(f"resolving the inputs of stage {spec.name}",
+                                 lambda: stage_job.resolve(spec, run, lineage, done=marker), echo)
     except stage_job.StageJobError as e:
         raise PipelineError(str(e)) from e
     fp = resolved.fingerprint
-    workdir = Path(spec.outputs.workdir)
-    marker, result = read_json(workdir / MARKER), read_json(workdir / "result.json")
     if stage_job.is_done(marker, result, fp):
         echo(f"[{spec.name}] skipped: outputs exist for the same inputs and params ({fp[:12]})")
         lineage.retry("tagging the pipeline run", lambda: lineage.client.set_tag(parent_run_id, f"stage.{spec.name}.status", "skipped"), echo)

@@ -84,8 +84,15 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def resolve(spec: StageSpec, run: str, lineage: Any, *, hash_datasets: bool = True) -> Resolved:
-    """Pin ``spec``'s inputs (see the module doc); raises StageJobError naming the stage and the input."""
+def resolve(spec: StageSpec, run: str, lineage: Any, *, hash_datasets: bool = True, done: dict | None = None) -> Resolved:
+    """Pin ``spec``'s inputs (see the module doc); raises StageJobError naming the stage and the input.
+
+    ``done``: the stage's marker when it says succeeded. An input declared by alias (``models:/<name>@<alias>``)
+    then resolves to the version the stage ran with, as its marker records, not to where the alias points now: the
+    aliases of a pipeline run move as its later rounds are promoted, and a finished stage of an earlier round must not
+    look changed (and be run again, with a later round's model) when the run is resumed or re-run."""
+    ran_with = {n: e for n, e in ((done or {}).get("inputs") or {}).get("models", {}).items()
+                if (done or {}).get("status") == "succeeded" and "@" in str(e.get("ref", "")) and e.get("model") and e.get("version")}
     from pipelines import render
     from pipelines.dvc import DvcError, dataset_hash
 
@@ -106,6 +113,10 @@ def resolve(spec: StageSpec, run: str, lineage: Any, *, hash_datasets: bool = Tr
         entry = {"ref": declared}
         if declared.startswith("stage:"):
             model, version = stage_model_version(lineage, spec.pipeline, run, declared[len("stage:"):], spec.name, name)
+            m.uri = f"models:/{model}/{version}"
+            entry.update(uri=m.uri, model=model, version=version)
+        elif name in ran_with and ran_with[name]["ref"] == declared:
+            model, version = ran_with[name]["model"], str(ran_with[name]["version"])
             m.uri = f"models:/{model}/{version}"
             entry.update(uri=m.uri, model=model, version=version)
         elif declared.startswith("models:/"):

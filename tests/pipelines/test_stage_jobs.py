@@ -159,3 +159,22 @@ def test_an_imported_teacher_is_a_pinned_model_input_recorded_in_lineage(tmp_pat
     again = run_stages(cfg, cfg.stage_specs("r1"), "r1", executor=StandInExecutor(), echo=lambda s: None, max_parallel=1)
     assert [s.status for s in again.stages] == ["succeeded", "skipped", "skipped", "skipped"]
     assert client.get_run(again.stages[0].mlflow_run_id).data.tags["model.import_from.sha256"] != sha
+
+
+def test_a_rerun_keeps_the_alias_versions_finished_stages_ran_with(tmp_path):
+    """l1 labels with models:/proposals@teacher while the alias is on t1's version; e2 then moves it to t2's. Running
+    the same pipeline run again must skip l1 (its marker records version 1), not re-label with version 2."""
+    cfg = _config(tmp_path, PIPELINE)
+    run_stages(cfg, cfg.stage_specs("r1"), "r1", executor=StandInExecutor(), echo=lambda s: None, max_parallel=1)
+    client = Lineage(cfg.tracking_uri(), cfg.tracking.experiment).client
+    assert str(client.get_model_version_by_alias("proposals", "teacher").version) == "2"
+    marker = cfg.run_dir("r1") / "l1" / "stage.json"
+    assert json.loads(marker.read_text())["inputs"]["models"]["parts"]["version"] == "1"
+    again = run_stages(cfg, cfg.stage_specs("r1"), "r1", executor=StandInExecutor(), echo=lambda s: None, max_parallel=1)
+    assert [s.status for s in again.stages] == ["skipped"] * len(PIPELINE)
+    assert json.loads(marker.read_text())["inputs"]["models"]["parts"]["version"] == "1"
+    # a stage that never finished resolves the alias as it is now
+    shutil.rmtree(cfg.run_dir("r1") / "l1")
+    third = run_stages(cfg, cfg.stage_specs("r1"), "r1", executor=StandInExecutor(), echo=lambda s: None, max_parallel=1)
+    assert {s.name: s.status for s in third.stages}["l1"] == "succeeded"
+    assert json.loads(marker.read_text())["inputs"]["models"]["parts"]["version"] == "2"
