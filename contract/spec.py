@@ -75,6 +75,15 @@ class Tracking(_Strict):
                                   description="How long an MLflow outage may last before the stage fails (metrics held, bookkeeping retried meanwhile; docs/faults.md).")
 
 
+def metric_keys(metric: str) -> list[str]:
+    """Keys that name ``metric`` in a stage's result metrics: as given, under ``eval/`` (the namespace every evaluating
+    stage logs into, whichever split it scores), with ``@`` written ``_`` (MLflow names). ``AR@10`` -> ``AR@10``,
+    ``eval/AR@10``, ``AR_10``, ``eval/AR_10``."""
+    keys = [metric, f"eval/{metric}"]
+    keys += [k.replace("@", "_") for k in keys]
+    return list(dict.fromkeys(keys))
+
+
 class Promotion(_Strict):
     """The promotion rule an evaluating stage applies to the model it evaluated (docs/architecture.md "Tracking and promotion").
 
@@ -85,7 +94,8 @@ class Promotion(_Strict):
     """
 
     candidate: str = Field(default="candidate", description="Name of the model input that is evaluated.")
-    metric: str = Field(description="Result metric compared (e.g. val/AR_10).")
+    metric: str = Field(description="Result metric compared, e.g. AR_10: the evaluating stage logs it as eval/AR_10 "
+                        "(eval/ is the namespace of evaluation metrics, not the split; the stage's datasets say which split).")
     direction: Literal["max", "min"] = Field(default="max", description="max: higher is better; min: lower is better.")
     min_delta: float = Field(default=0.0, ge=0, description="The candidate must beat the holder by more than this.")
     aliases: list[str] = Field(default_factory=lambda: ["teacher", "champion"], description="Aliases the rule moves.")

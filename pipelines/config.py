@@ -315,6 +315,10 @@ class PipelineConfig(_Strict):
         """The config's promotion policy (direction, min_delta) applied to ``metric`` of input ``candidate``."""
         return Promotion(candidate=candidate, metric=metric, direction=self.promotion.direction, min_delta=self.promotion.min_delta)
 
+    def reported_splits(self) -> list[str]:
+        """Datasets (relative: to workspace.data) whose figures a pipeline reports: no promoting stage may read them."""
+        return []
+
     def report(self, result: Any, lineage: Any) -> str:
         """A pipeline's final report after all stages succeeded (logged to the parent MLflow run); none by default."""
         return ""
@@ -406,8 +410,26 @@ def check_stage_params(cfg: PipelineConfig, source: str) -> None:
                 problems.append(f"stage {spec.name} ({spec.stage}): missing inputs {', '.join(missing)}")
             if d.output_dataset and not spec.outputs.dataset:
                 problems.append(f"stage {spec.name} ({spec.stage}): needs an output dataset")
+        problems += _promotions_reading_reported_splits(cfg)
     if problems:
         raise SpecError(f"{source}: invalid configuration\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _promotions_reading_reported_splits(cfg: PipelineConfig) -> list[str]:
+    """A model is selected on a split that is never the one reported: every promoting stage whose input datasets
+    include a reported split (e.g. a section's ``val`` set to its ``eval``)."""
+    data = Path(cfg.paths.data)
+    reported = {str(data / s) for s in cfg.reported_splits()}
+    out = []
+    for spec in cfg.stage_specs("config-check"):
+        if spec.promotion is None:
+            continue
+        for key, ref in spec.inputs.datasets.items():
+            if ref.path in reported:
+                out.append(f"stage {spec.name} ({spec.stage}) promotes {spec.outputs.model or 'its model'} on "
+                           f"{spec.promotion.metric} and reads the reported split {ref.path} (input '{key}'): "
+                           "select on a val split, report on eval")
+    return out
 
 
 def _declared_stage_params(model: BaseModel, prefix: str = ""):

@@ -27,7 +27,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from contract.models import model_version, resolve_model  # noqa: F401  (re-exported for the control plane)
-from contract.spec import DEFAULT_OUTAGE_SECONDS, Promotion, StageSpec
+from contract.spec import DEFAULT_OUTAGE_SECONDS, Promotion, StageSpec, metric_keys
 from pipelines.config import PromotionPolicy
 
 T = TypeVar("T")
@@ -345,13 +345,6 @@ class Lineage:
         items = [Param(k[:250], _param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
-
-
-def metric_keys(metric: str) -> list[str]:
-    """Keys that name ``metric`` in a stage's metrics: as given, under ``eval/``, with ``@`` written ``_`` (MLflow names)."""
-    keys = [metric, f"eval/{metric}"]
-    keys += [k.replace("@", "_") for k in keys]
-    return list(dict.fromkeys(keys))
 
 
 def _evaluated(tags: dict[str, str], metric: str) -> float | None:

@@ -44,7 +44,7 @@ class FinetuneSection(_Strict):
 class EvaluationSection(_Strict):
     """Mask AP of every model; promotion on the val split only."""
 
-    promotion_metric: str = Field(default="eval/mask_AP_agnostic", description="Metric (on the val split) the teacher/champion aliases of casp-pretrained and casp-finetuned move on.")
+    promotion_metric: str = Field(default="mask_AP_agnostic", description="Metric (on the val split) the teacher/champion aliases of casp-pretrained and casp-finetuned move on.")
     params: dict[str, Any] = stage_params("evaluate-instances", "Further evaluate-instances params passed through.")
 
 
@@ -98,6 +98,9 @@ class CaspConfig(PipelineConfig):
 
     pipeline: str = Field(default="casp", description="Pipeline name: selects the typed section and the stage builder.")
     casp: CaspSection = Field(default_factory=CaspSection, description="The method's settings.")
+
+    def reported_splits(self) -> list[str]:
+        return [self.casp.eval]
 
     def stage_specs(self, run: str) -> list[StageSpec]:
         from pipelines.casp.graph import build_stages

@@ -32,7 +32,7 @@ class LeopartSection(_Strict):
 class EvaluationSection(_Strict):
     """One evaluation for every representation; promotion on the val split only."""
 
-    promotion_metric: str = Field(default="eval/kmeans/miou", description="Metric (on the val split) the teacher/champion aliases of dense-slotcon and dense-leopart move on.")
+    promotion_metric: str = Field(default="kmeans/miou", description="Metric (on the val split) the teacher/champion aliases of dense-slotcon and dense-leopart move on.")
     params: dict[str, Any] = stage_params("evaluate-representation", "evaluate-representation params of every row.")
 
 
@@ -74,6 +74,9 @@ class DenseConfig(PipelineConfig):
 
     pipeline: str = Field(default="dense", description="Pipeline name: selects the typed section and the stage builder.")
     dense: DenseSection = Field(default_factory=DenseSection, description="The representation learners and their comparison.")
+
+    def reported_splits(self) -> list[str]:
+        return [self.dense.eval]
 
     def stage_specs(self, run: str) -> list[StageSpec]:
         from pipelines.dense.graph import build_stages

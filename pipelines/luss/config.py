@@ -97,6 +97,9 @@ class LussConfig(PipelineConfig):
     pipeline: str = Field(default="luss", description="Pipeline name: selects the typed section and the stage builder.")
     luss: LussSection = Field(default_factory=LussSection, description="The method's settings.")
 
+    def reported_splits(self) -> list[str]:
+        return [self.luss.eval]
+
     def stage_specs(self, run: str) -> list[StageSpec]:
         from pipelines.luss.graph import build_stages
 

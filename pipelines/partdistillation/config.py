@@ -42,7 +42,7 @@ class RoundParams(_Strict):
     pseudo_label_score_threshold: float = Field(default=0.5, ge=0, le=1, description="Predicted parts below this score are not kept as pseudo-labels.")
     objects: Literal["detected", "gt"] | None = Field(default=None, description="Instances the pseudo-labels are kept in and clipped to (sec. 4.2's filter): the train split's object labels (gt; the method reads object labels, never part labels, and stage 2 assigns parts to them by default) or the instance teacher's detections (detected). None: as mining.objects.")
     pseudo_label: dict[str, Any] = stage_params("pseudo-label", "Further pseudo-label params passed through.")
-    promotion_metric: str = Field(default="eval/AR_10", description="Metric (measured on the val split) the part-proposal teacher alias moves on (selection.criterion: val).")
+    promotion_metric: str = Field(default="AR_10", description="Metric (measured on the val split) the part-proposal teacher alias moves on (selection.criterion: val).")
     init_from_previous: bool = Field(default=True, description="Rounds after the first start from the previous round's part decoder.")
     later_rounds_lr: float | None = Field(default=5e-4, gt=0, description="Learning rate of rounds after the first (None: the train params' lr).")
     later_rounds_augment: Literal["flip", "strong"] | None = Field(default=None, description="Augmentation of the rounds after the first, the self-training students (sec. 2: the student predicts the teacher's output from a strongly augmented input); round 1 learns the mined proposals with the train params' augment. None: the train params' augment in every round.")
@@ -70,7 +70,7 @@ class RankingParams(_Strict):
     kmeans_baseline: bool = Field(default=True, description="Evaluate dataset-level k-means of pixel features per class alone: fitted on the train split, applied to the eval split.")
     kmeans_transductive: bool = Field(default=False, description="Also evaluate k-means fitted on the eval images themselves (labelled transductive in the table).")
     object_nms_iou: float | None = Field(default=0.5, gt=0, le=1, description="Without GT objects (Table 3's 'no' rows), the instance teacher's detections are deduplicated: one whose mask overlaps a better-scored one with IoU above this is dropped, whatever its class, for every model and the k-means baseline alike. The teacher's duplicates otherwise split a ranker's parts between copies of one object (BENCHMARKS.md). None: every detection above the score threshold.")
-    promotion_metric: str = Field(default="eval/gt/miou", description="Metric (measured on the val split) the ranker's teacher alias moves on (selection.criterion: val).")
+    promotion_metric: str = Field(default="gt/miou", description="Metric (measured on the val split) the ranker's teacher alias moves on (selection.criterion: val).")
     evaluation: dict[str, Any] = stage_params("evaluate-parts", "Further evaluate-parts params passed through.")
     purity_grids: bool = Field(default=True, description="Write 3x3 purity grids per (object class, part cluster) with an HTML index.")
 
@@ -81,8 +81,8 @@ class SelectionParams(_Strict):
     criterion: Literal["val", "label_free"] = Field(default="val", description="val: the promotion metrics measured on the val split's part masks; label_free: agreement of the candidate with the teacher's pseudo-labels on held-out images without part labels (holdout).")
     holdout: str | None = Field(default=None, description="Held-out images with object labels and no part labels (never trained on; relative: to workspace.data), e.g. the val images with their parts stripped by selftrain data split; read by the label-free criterion.")
     compare: bool = Field(default=False, description="Also measure the criterion not selected (no promotion), so the report shows which round each would pick.")
-    label_free_proposals_metric: str = Field(default="eval/AR_10", description="Label-free metric of part-proposal models: AR@10 against the mined proposals (the first teacher's pseudo-labels) on the holdout images.")
-    label_free_ranker_metric: str = Field(default="eval/gt/nmi", description="Label-free metric of rankers: NMI of their part clusters against the pseudo-labeller's (rank-parts, cluster-pixels) clusters on the holdout images.")
+    label_free_proposals_metric: str = Field(default="AR_10", description="Label-free metric of part-proposal models: AR@10 against the mined proposals (the first teacher's pseudo-labels) on the holdout images.")
+    label_free_ranker_metric: str = Field(default="gt/nmi", description="Label-free metric of rankers: NMI of their part clusters against the pseudo-labeller's (rank-parts, cluster-pixels) clusters on the holdout images.")
 
 
 class PartDistillationSection(_Strict):
@@ -122,6 +122,9 @@ class PartDistillationConfig(PipelineConfig):
 
     pipeline: str = Field(default="partdistillation", description="Pipeline name: selects the typed section and the stage builder.")
     partdistillation: PartDistillationSection = Field(default_factory=PartDistillationSection, description="The method's settings.")
+
+    def reported_splits(self) -> list[str]:
+        return [self.partdistillation.eval]
 
     def stage_specs(self, run: str) -> list[StageSpec]:
         from pipelines.partdistillation.graph import build_stages

@@ -167,9 +167,9 @@ def _promotion(cfg: PartDistillationConfig, model: str, split: str):
 
 
 def _setting_of(metric: str) -> list[str]:
-    """The evaluate-parts setting a metric needs (eval/<setting>/...)."""
-    parts = metric.split("/")
-    return [parts[1]] if len(parts) > 2 and parts[1] in ("gt", "pred") else ["gt", "pred"]
+    """The evaluate-parts setting a metric needs (<setting>/..., logged as eval/<setting>/...)."""
+    parts = metric.removeprefix("eval/").split("/")
+    return [parts[0]] if len(parts) > 1 and parts[0] in ("gt", "pred") else ["gt", "pred"]
 
 
 def _mining(cfg: PartDistillationConfig) -> dict:

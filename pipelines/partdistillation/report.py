@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.io import atomic_open
+from contract.spec import metric_keys
 from pipelines.partdistillation import graph
 from pipelines.partdistillation.config import PART_RANKER, PartDistillationConfig
 
@@ -29,8 +30,8 @@ def _metrics(outcomes: dict[str, Any], stage: str) -> dict[str, float]:
 
 
 def _metric(metrics: dict[str, Any], name: str) -> float:
-    alt = name.replace("@", "_")
-    for key in (name, f"eval/{name}", alt, f"eval/{alt}"):
+    """``name`` (``AR@10``, ``AR_10`` or ``eval/AR_10``) in a stage's metrics; NaN when absent."""
+    for key in metric_keys(name):
         if key in metrics:
             return float(metrics[key])
     return float("nan")
@@ -88,9 +89,9 @@ def selection_table(outcomes: list[Any], cfg: PartDistillationConfig) -> tuple[l
         picks = {split: picked_round(by_name, cfg, model, rounds, name_of, split) for split in graph.selection_splits(cfg)}
         reported = graph.selection_metric(cfg, model, "val")
         for r in range(1, rounds + 1):
-            row = {"model": line, "round": r, "eval": _metrics(by_name, name_of(r)).get(reported, float("nan"))}
+            row = {"model": line, "round": r, "eval": _metric(_metrics(by_name, name_of(r)), reported)}
             for split in graph.selection_splits(cfg):
-                row[split] = _metrics(by_name, name_of(r, split)).get(graph.selection_metric(cfg, model, split), float("nan"))
+                row[split] = _metric(_metrics(by_name, name_of(r, split)), graph.selection_metric(cfg, model, split))
             rows.append(row)
         if len(picks) == 2:
             same = "the same round" if picks["val"] == picks["holdout"] else "different rounds"
@@ -108,8 +109,8 @@ def picked_round(by_name: dict[str, Any], cfg: PartDistillationConfig, model: st
     pol, metric = cfg.promotion, graph.selection_metric(cfg, model, split)
     holder, best = None, None
     for r in range(1, rounds + 1):
-        v = _metrics(by_name, name_of(r, split)).get(metric)
-        if v is None:
+        v = _metric(_metrics(by_name, name_of(r, split)), metric)
+        if v != v:
             continue
         gain = None if best is None else (v - best if pol.direction == "max" else best - v)
         if gain is None or gain > pol.min_delta:

@@ -53,7 +53,7 @@ def test_the_demo_config_renders(tmp_path: Path) -> None:
     job = yaml.safe_load((tmp_path / "m" / "06-finetune-val.yaml").read_text())
     spec = json.loads(next(e["value"] for c in job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
                            for e in c.get("env", []) if e["name"] == "SELFTRAIN_SPEC"))
-    assert spec["promotion"]["metric"] == "eval/mask_AP_agnostic" and spec["inputs"]["datasets"]["eval"]["path"].endswith("partworld-demo/val")
+    assert spec["promotion"]["metric"] == "mask_AP_agnostic" and spec["inputs"]["datasets"]["eval"]["path"].endswith("partworld-demo/val")
 
 
 @pytest.mark.slow

@@ -94,3 +94,23 @@ def test_every_stage_the_demo_builds_validates_against_its_definition() -> None:
     # promotion rules sit on the val-split stages only; the *-evaluate stages (the reported split) never promote
     assert [s.name for s in specs if s.promotion] == ["r1-val", "r2-val", "f1-val", "one-stage-r1-val", "one-stage-r2-val",
                                                        "one-stage-r3-val"]
+
+
+@pytest.mark.parametrize("pipeline", ["partdistillation", "casp", "luss", "dense"])
+def test_a_config_whose_promotion_would_read_the_reported_split_is_rejected(tmp_path: Path, pipeline: str) -> None:
+    """A model is selected on a split that is never the one reported: the section's val set to its eval is an error
+    naming a promoting stage and the split, before anything runs (defaults of every other key)."""
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(f"pipeline: {pipeline}\n{pipeline}:\n  val: partworld-demo/eval\n  eval: partworld-demo/eval\n")
+    with pytest.raises(ValueError) as e:
+        load_config(cfg)
+    msg = str(e.value)
+    if pipeline == "partdistillation":  # its section refuses shared splits itself, before any stage is built
+        assert str(cfg) in msg and "train, val, eval and selection.holdout must be different datasets" in msg, msg
+    else:  # the generic check on the built stages (pipelines.config._promotions_reading_reported_splits)
+        assert str(cfg) in msg and "reads the reported split" in msg and "partworld-demo/eval" in msg and "-val (" in msg, msg
+    # the shipped configs select on val and pass
+    shipped = [f for f in REPO.glob("configs/*.yaml") if f"\npipeline: {pipeline}\n" in f.read_text()]
+    assert shipped
+    for f in shipped:
+        assert load_config(f).reported_splits(), f
