@@ -230,8 +230,11 @@ def _build_engine(spec: StageSpec, params: TrainParams, build_model, d: Dist, gp
     seed_everything(params.seed)  # identical initial weights on every rank
     model = build_model()
     seed_everything(params.seed + d.rank)  # per-rank randomness for data and augmentation
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, betas=tuple(params.betas),
-                                  weight_decay=params.weight_decay)
+    # a model may scale the lr of its parameter groups (e.g. Leopart's backbone at a tenth of its heads' lr); the
+    # schedule multiplies every group's own peak lr
+    groups = ([{"params": ps, "lr": params.lr * scale} for ps, scale in model.lr_groups() if ps]
+              if hasattr(model, "lr_groups") else model.parameters())
+    optimizer = torch.optim.AdamW(groups, lr=params.lr, betas=tuple(params.betas), weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(params))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
@@ -244,6 +247,7 @@ def _build_engine(spec: StageSpec, params: TrainParams, build_model, d: Dist, gp
         "bf16": engine.bfloat16_enabled(),
         "world_size": d.world_size,
         "backend": dist.get_backend(),
+        "peak_lr_per_group": [float(g["initial_lr"]) for g in optimizer.param_groups],
     }
     if d.is_main:
         write_json(Path(spec.outputs.workdir) / "engine.json", {"deepspeed": ds_config, "engine": engine_config})

@@ -46,7 +46,7 @@ class Leopart(nn.Module):
 
     def __init__(self, backbone: DenseBackbone, num_prototypes: int, dim: int, hidden_dim: int,
                  temperature: float = 0.1, sinkhorn_eps: float = 0.05, sinkhorn_iterations: int = 3,
-                 fg_mass: float | None = 0.6, align_size: int = 7, num_global: int = 2):
+                 fg_mass: float | None = 0.6, align_size: int = 7, num_global: int = 2, backbone_lr_scale: float = 1.0):
         super().__init__()
         if not backbone.vit and fg_mass is not None:
             raise ValueError(f"Leopart's foreground comes from a ViT's attention: {backbone.timm_name!r} is not a ViT "
@@ -57,6 +57,14 @@ class Leopart(nn.Module):
         self.temperature, self.eps, self.iterations = temperature, sinkhorn_eps, sinkhorn_iterations
         self.fg_mass, self.align_size, self.num_global = fg_mass, align_size, num_global
         self.freeze_prototypes = False  # set per step by the stage (SwAV's freeze_prototypes_niters)
+        self.backbone_lr_scale = backbone_lr_scale
+
+    def lr_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """(parameters, lr multiplier): the ViT at ``backbone_lr_scale`` of the head's and prototypes' lr (the official
+        code's lr_backbone 1e-5 against lr_heads 1e-4), so fine-tuning refines the backbone instead of replacing it."""
+        backbone = list(self.backbone.parameters())
+        ids = {id(q) for q in backbone}
+        return [(backbone, self.backbone_lr_scale), ([q for q in self.parameters() if id(q) not in ids], 1.0)]
 
     def forward(self, views: list[Tensor], boxes: Tensor, flips: Tensor) -> tuple[Tensor, dict[str, float]]:
         with torch.no_grad():  # prototypes stay on the unit sphere (SwAV)

@@ -30,7 +30,7 @@ def run(spec: StageSpec) -> StageResult | None:
     def build() -> Leopart:
         return Leopart(DenseBackbone(p.backbone, p.model_kwargs(), p.weights), p.num_prototypes, p.dim, p.hidden_dim,
                        temperature=p.temperature, sinkhorn_eps=p.sinkhorn_eps, sinkhorn_iterations=p.sinkhorn_iterations,
-                       fg_mass=fg_mass, align_size=p.align_size)
+                       fg_mass=fg_mass, align_size=p.align_size, backbone_lr_scale=p.backbone_lr_scale)
 
     transform = MultiViewTransform([p.global_size] * 2 + [p.local_size] * p.num_local,
                                    [tuple(p.global_scale)] * 2 + [tuple(p.local_scale)] * p.num_local,

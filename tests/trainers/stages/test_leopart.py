@@ -28,6 +28,11 @@ def test_leopart_fine_tunes_the_vit_on_its_attention_foreground(tmp_path, train6
     # foreground: a share of the tokens, not all of them and not none (fg_mass 0.6 of the attention)
     metrics = res["metrics"]
     assert 0 < metrics["train/fg_share"] < 1 and metrics["train/loss"] > 0 and metrics["train/score_spread"] > 0
+    # the ViT is fine-tuned at backbone_lr_scale (default 0.1) of the head's and prototypes' lr
+    import json
+
+    groups = json.loads((tmp_path / "w" / "engine.json").read_text())["engine"]["peak_lr_per_group"]
+    assert groups == pytest.approx([TINY["lr"] * 0.1, TINY["lr"]])
     model = load_backbone(blob)
     assert model.vit
     import torch
