@@ -2,7 +2,7 @@
 question: do better features give better parts?). BENCHMARKS.md "PartDistillation with a pretrained encoder".
 
     python benchmarks/pd_encoder.py --encoder models:/dense-slotcon@champion --run-prefix enc1 \
-        [--config configs/partdistillation-demo.yaml] [--trim] [-o benchmarks/results/pd_encoder.json]
+        [--config configs/partdistillation-demo.yaml] [--trim] [--only random|encoder] [-o benchmarks/results/pd_encoder.json]
 
 Runs the config twice with ``selftrain run``, identical except ``partdistillation.teacher.params.encoder`` (absent:
 the instance teacher's backbone at random init, as the config has it; set: the representation's weights, whose
@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--encoder", required=True, help="partdistillation.teacher.params.encoder of the second run")
     ap.add_argument("--run-prefix", required=True)
     ap.add_argument("--trim", action="store_true")
+    ap.add_argument("--only", choices=("random", "encoder"), help="run one of the two (a later call with the same "
+                    "--run-prefix resumes the finished one: all its stages are skipped)")
     ap.add_argument("-o", "--out", type=Path, default=REPO / "benchmarks" / "results" / "pd_encoder.json")
     a = ap.parse_args()
     cfg = yaml.safe_load(a.config.read_text())
@@ -79,12 +81,16 @@ def main() -> None:
     report = {"config": str(a.config), "encoder": a.encoder, "trim": a.trim, "runs": {}}
     for name, enc in (("random init", None), ("encoder", a.encoder)):
         run = f"{a.run_prefix}-{'random' if enc is None else 'encoder'}"
+        if a.only and not run.endswith(a.only):
+            continue
         path = variant(a.config, enc, a.trim, root / "bench-configs" / f"{run}.yaml")
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path), "--run", run], cwd=REPO, check=True)
         report["runs"][name] = {"run": run, "wall_s": round(time.perf_counter() - t0, 1),
                                 "figures": figures(root / "runs" / run, *rounds)}
         print(name, json.dumps(report["runs"][name]), flush=True)
+    if a.only:
+        return
     rows = list(report["runs"]["random init"]["figures"])
     lines = ["| eval figure (%) | random init | " + a.encoder + " | difference |", "| --- | ---: | ---: | ---: |"]
     for k in rows:

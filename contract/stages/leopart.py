@@ -32,6 +32,7 @@ class LeopartParams(DenseTrainParams):
         description="Tokens the loss covers: attention (where the global crop's CLS attention holds fg_mass of its mass, the "
                     "paper's foreground clustering) or all tokens.")
     fg_mass: float = Field(default=0.6, gt=0, le=1, description="Share of the CLS attention mass the foreground tokens hold.")
+    teacher_momentum: float | None = Field(default=None, ge=0, le=1, description="EMA teacher (the official code's use_teacher, momentum 0.9995, cosine-increased to 1): the Sinkhorn targets come from it; None: from the student.")
     backbone_lr_scale: float = Field(default=0.1, gt=0, le=1, description="The ViT's lr as a share of lr, which the head and prototypes get (the official code: lr_backbone 1e-5 against lr_heads 1e-4).")
 
     @model_validator(mode="after")

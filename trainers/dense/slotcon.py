@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainers.dense.backbone import DenseBackbone
+from trainers.dense.ema import ema_update
 from trainers.dense.heads import Projector, prototype_scores
 from trainers.dense.views import intersection, inverse_augment
 
@@ -63,11 +64,9 @@ class SlotCon(nn.Module):
         yield from self.projector.parameters()
         yield self.prototypes
 
-    @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student (BYOL/DINO EMA)."""
-        for t, s in zip(self.teacher_parameters(), self.student_parameters()):
-            t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+        ema_update(self.teacher_parameters(), self.student_parameters(), momentum)
 
     def _group(self, z: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
         """Semantic grouping: (slots [B, K, D] = attention-weighted means of the pixel embeddings, scores [B, K, h, w])."""
@@ -126,8 +125,3 @@ class SlotCon(nn.Module):
         logits = F.normalize(self.predictor(q.flatten(0, 1)), dim=1)[queries] @ all_k[keys].T / self.contrast_temp
         labels = all_active.long().cumsum(0)[queries + b * n * rank] - 1
         return F.cross_entropy(logits, labels) * (2 * self.contrast_temp)
-
-
-def momentum_at(step: int, total: int, base: float) -> float:
-    """The teacher momentum at ``step``: cosine from ``base`` to 1 over training (BYOL's schedule, as SlotCon)."""
-    return 1 - (1 - base) * (math.cos(math.pi * min(step, total) / max(1, total)) + 1) / 2

@@ -14,6 +14,7 @@ from contract.spec import StageSpec
 from contract.stages import params_of
 from trainers.comm import barrier
 from trainers.dense.backbone import DenseBackbone
+from trainers.dense.ema import momentum_at
 from trainers.dense.leopart import Leopart
 from trainers.dense.training import check_zero, write_representation
 from trainers.dense.views import MultiViewTransform, collate_views
@@ -30,13 +31,16 @@ def run(spec: StageSpec) -> StageResult | None:
     def build() -> Leopart:
         return Leopart(DenseBackbone(p.backbone, p.model_kwargs(), p.weights), p.num_prototypes, p.dim, p.hidden_dim,
                        temperature=p.temperature, sinkhorn_eps=p.sinkhorn_eps, sinkhorn_iterations=p.sinkhorn_iterations,
-                       fg_mass=fg_mass, align_size=p.align_size, backbone_lr_scale=p.backbone_lr_scale)
+                       fg_mass=fg_mass, align_size=p.align_size, backbone_lr_scale=p.backbone_lr_scale,
+                       teacher=p.teacher_momentum is not None)
 
     transform = MultiViewTransform([p.global_size] * 2 + [p.local_size] * p.num_local,
                                    [tuple(p.global_scale)] * 2 + [tuple(p.local_scale)] * p.num_local,
                                    p.flip_prob, p.jitter, p.gray_prob)
     def loss_fn(engine, batch):
         engine.module.freeze_prototypes = engine.global_steps < p.freeze_prototypes_steps
+        if p.teacher_momentum is not None:
+            engine.module.momentum_update(momentum_at(engine.global_steps, p.steps, p.teacher_momentum))
         return engine(*batch)
 
     result = fit(spec, p, build_model=build, loss_fn=loss_fn, transform=transform, collate=collate_views)

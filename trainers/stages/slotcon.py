@@ -14,7 +14,8 @@ from contract.spec import StageSpec
 from contract.stages import params_of
 from trainers.comm import barrier
 from trainers.dense.backbone import DenseBackbone
-from trainers.dense.slotcon import SlotCon, momentum_at
+from trainers.dense.ema import momentum_at
+from trainers.dense.slotcon import SlotCon
 from trainers.dense.training import check_zero, write_representation
 from trainers.dense.views import MultiViewTransform, collate_views
 from trainers.engine import fit

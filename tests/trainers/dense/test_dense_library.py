@@ -85,3 +85,30 @@ def test_the_representation_file_round_trips_and_bad_files_are_named(tmp_path):
     with pytest.raises(RepresentationFileError, match="junk.pt: not a readable"):
         read_representation(tmp_path / "junk.pt")
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically: no temp file left behind
+
+
+def test_leopart_targets_come_from_its_ema_teacher_which_gets_no_gradient_and_follows_the_student():
+    from trainers.dense.backbone import DenseBackbone
+    from trainers.dense.leopart import Leopart
+
+    torch.manual_seed(0)
+    model = Leopart(DenseBackbone("test_vit", {}), 8, 16, 32, fg_mass=None, teacher=True, backbone_lr_scale=0.1)
+    t = MultiViewTransform([64, 64, 32], [(0.5, 1), (0.5, 1), (0.2, 0.4)])
+    views, boxes, flips = collate_views([t(("k", _ramp_image(), {})) for _ in range(2)])
+    loss, _ = model(views, boxes, flips)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    assert all(q.grad is None for q in model.teacher_parameters())
+    assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in model.backbone.parameters())
+    # the optimizer sees the student only: the backbone at a tenth of the head's lr, the teacher in no group
+    (backbone, scale_b), (heads, scale_h) = model.lr_groups()
+    teacher_ids = {id(q) for q in model.teacher_parameters()}
+    assert scale_b == 0.1 and scale_h == 1.0 and not teacher_ids & {id(q) for q in backbone + heads}
+    # EMA: momentum 0.5 moves every teacher weight halfway to the student's
+    with torch.no_grad():
+        for q in model.projector.parameters():
+            q.add_(1.0)
+    before = [q.clone() for q in model.teacher["projector"].parameters()]
+    model.momentum_update(0.5)
+    for b, tq, sq in zip(before, model.teacher["projector"].parameters(), model.projector.parameters()):
+        assert torch.allclose(tq, (b + sq) / 2)
